@@ -189,10 +189,11 @@ class AdapterLayer(nn.Module, ABC):
 
     @classmethod
     def wrap_targets(
-        cls, targets: dict[str, nn.Module], config: MethodConfig
+        cls, targets: dict[str, nn.Module], config: MethodConfig, model: nn.Module | None = None
     ) -> dict[str, nn.Module]:
         """Replacement modules by qualified name. The default wraps each target alone; methods that
-        act on groups (R-/S-LoDA with ``approx_scope: qkv``) override it and may replace siblings too."""
+        act on groups (R-/S-LoDA with ``approx_scope: qkv``) override it, look up siblings in ``model``
+        and may replace them too."""
         return {name: cls(layer, config, layer_name=name) for name, layer in targets.items()}
 
     def after_optimizer_step(self, progress: TrainProgress) -> list[nn.Parameter]:

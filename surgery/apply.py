@@ -1,0 +1,77 @@
+"""``python -m surgery.apply CFG.yaml``: load the model, swap in adapters, print the plan, train, save.
+
+    python -m surgery.apply configs/demo.yaml                 # surgery + training + checkpoint
+    python -m surgery.apply cfg.yaml --dry-run                # plan only: config.json suffices, no weights
+    python -m surgery.apply cfg.yaml --dry-run --report plan.json
+    python -m surgery.apply cfg.yaml --output-dir runs/try2 --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from surgery.checkpoint import CheckpointError, save_checkpoint
+from surgery.config import ConfigError, SurgeryConfig, load_config
+from surgery.model import ModelLoadError, load_model, load_tokenizer
+from surgery.report import build_report, format_table, write_report
+from surgery.rewrite import AdaptedModel, apply_surgery
+from surgery.targets import TargetError
+
+USER_ERRORS = (ConfigError, TargetError, ModelLoadError, CheckpointError, ValueError, FileNotFoundError)
+log = logging.getLogger("surgery")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m surgery.apply", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", type=Path, help="YAML config (see README: Config keys)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="stop after the plan table; reads config.json only and allocates no weights")
+    parser.add_argument("--report", type=Path, help="write the plan as JSON to this file")
+    parser.add_argument("--output-dir", type=Path, help="override output_dir from the config")
+    parser.add_argument("--resume", action="store_true", help="continue training from output_dir's last checkpoint")
+    return parser.parse_args(argv)
+
+
+def plan(config: SurgeryConfig, dry_run: bool) -> AdaptedModel:
+    """Load (empty weights on a dry run) and rewrite the model."""
+    model = load_model(config.model, meta=dry_run)
+    return apply_surgery(model, config)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {"output_dir": str(args.output_dir)} if args.output_dir else None
+    config = load_config(args.config, overrides=overrides)
+    adapted = plan(config, dry_run=args.dry_run)
+    report = build_report(adapted)
+    print(format_table(report))
+    if args.report:
+        write_report(report, args.report)
+        print(f"plan written to {args.report}")
+    if args.dry_run:
+        return 0
+    if config.train is not None:
+        from train.trainer import train_adapters
+
+        metrics = train_adapters(adapted, load_tokenizer(config.model), config.output_dir, resume=args.resume)
+        print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    else:
+        save_checkpoint(adapted, config.output_dir)
+    print(f"checkpoint saved to {config.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

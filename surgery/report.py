@@ -1,0 +1,85 @@
+"""The surgery plan: per-layer and per-group parameter and MAC counts, as a table and as JSON."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from surgery.rewrite import AdaptedModel
+
+
+def layer_rows(adapted: AdaptedModel) -> list[dict[str, Any]]:
+    """One row per adapted layer, counted by the method's own formulas."""
+    rows = []
+    for name, layer in adapted.layers.items():
+        cls, cfg = type(layer), layer.config
+        macs = cls.macs_per_token(layer.d_in, layer.d_out, cfg)
+        rows.append({
+            "name": name,
+            "method": cfg.name,
+            "d_in": layer.d_in,
+            "d_out": layer.d_out,
+            "trainable_params": cls.count_params(layer.d_in, layer.d_out, cfg),
+            "base_macs_per_token": macs.base,
+            "adapter_macs_per_token": macs.adapter,
+        })
+    return rows
+
+
+def build_report(adapted: AdaptedModel) -> dict[str, Any]:
+    """The ``--report`` JSON: totals plus one entry per adapted layer and per fully trained module."""
+    rows = layer_rows(adapted)
+    trained = {
+        name: sum(p.numel() for p in module.parameters()) for name, module in adapted.trained_modules.items()
+    }
+    return {
+        "method": adapted.config.method.name,
+        "trainable_params": sum(r["trainable_params"] for r in rows) + sum(trained.values()),
+        "adapter_params": sum(r["trainable_params"] for r in rows),
+        "trained_module_params": trained,
+        "base_params": adapted.base_params,
+        "base_macs_per_token": sum(r["base_macs_per_token"] for r in rows),
+        "adapter_macs_per_token": sum(r["adapter_macs_per_token"] for r in rows),
+        "modules": rows,
+    }
+
+
+def group_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows summed per target group (the layer's last name component, e.g. q_proj), then trained modules."""
+    groups: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in report["modules"]:
+        group = groups[row["name"].rsplit(".", 1)[-1]]
+        group["layers"] += 1
+        for key in ("trainable_params", "base_macs_per_token", "adapter_macs_per_token"):
+            group[key] += row[key]
+    out = [{"group": name, **values} for name, values in groups.items()]
+    for name, count in report["trained_module_params"].items():
+        out.append({"group": f"{name} (trained in full)", "layers": 1, "trainable_params": count,
+                    "base_macs_per_token": 0, "adapter_macs_per_token": 0})
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    base = max(report["base_params"], 1)
+    header = ("group", "layers", "trainable", "% of model", "base MACs/tok", "adapter MACs/tok")
+    lines = [header]
+    for row in group_rows(report):
+        lines.append((row["group"], str(row["layers"]), f"{row['trainable_params']:,}",
+                      f"{100 * row['trainable_params'] / base:.4f}", f"{row['base_macs_per_token']:,}",
+                      f"{row['adapter_macs_per_token']:,}"))
+    lines.append(("total", str(len(report["modules"])), f"{report['trainable_params']:,}",
+                  f"{100 * report['trainable_params'] / base:.4f}", f"{report['base_macs_per_token']:,}",
+                  f"{report['adapter_macs_per_token']:,}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+                for line in lines]
+    rendered.insert(1, "-" * len(rendered[0]))
+    title = f"method {report['method']}: {report['trainable_params']:,} trainable of {report['base_params']:,} base parameters"
+    return "\n".join([title, *rendered])
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
