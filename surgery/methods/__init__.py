@@ -13,13 +13,17 @@ METHODS: dict[str, type[AdapterLayer]] = {
     "lora": LoRALayer,
 }
 # Registration lines, one per method (each file appends its own with register(...)):
-# proda
-# pera
+from surgery.methods.proda import ProDALayer  # noqa: E402
+METHODS["proda"] = ProDALayer
+from surgery.methods.pera import PERALayer  # noqa: E402
+METHODS["pera"] = PERALayer
 # loda
 # r_loda
 # s_loda
-# cla
-# c3la
+from surgery.methods.cla import CLALayer  # noqa: E402
+METHODS["cla"] = CLALayer
+from surgery.methods.c3la import C3LALayer  # noqa: E402
+METHODS["c3la"] = C3LALayer
 
 
 def method_class(name: str) -> type[AdapterLayer]:

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from surgery.config import ConfigError, load_config, parse_config
+
+BASE = {"model": {"name_or_path": "x", "task": "seq-cls"}, "targets": ["query"], "method": {"name": "lora", "r": 4}}
+
+
+def with_(**changes):
+    return {**BASE, **changes}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (with_(method={"name": "lora", "r": 4, "d_b": 8}), "method.d_b: unknown key"),
+        (with_(method={"name": "lora", "r": "four"}), "method.r: Input should be a valid integer"),
+        (with_(method={"name": "lora", "r": 0}), "method.r: Input should be greater than 0"),
+        (with_(method={"name": "prodaa"}), "method"),
+        (with_(modle={}), "modle: unknown key (did you mean 'model'?)"),
+        (with_(model={"name_or_path": "x", "taks": "seq-cls"}), "model.taks: unknown key (did you mean 'task'?)"),
+        (with_(model={"name_or_path": "x", "num_labels": 3}), "num_labels is for task: seq-cls only"),
+        (with_(model={"name_or_path": "x", "dtype": "float8"}), "model.dtype"),
+        (with_(targets=[]), "targets is empty"),
+        (with_(train={"data": {"train": "a"}, "lrr": 1}), "train.lrr: unknown key (did you mean 'lr'?)"),
+        (with_(train={"data": {"train": "a"}}), "set `epochs` or `max_steps`"),
+        ({"model": {"name_or_path": "x"}, "method": {"name": "lora"}}, "targets: required key is missing"),
+    ],
+)
+def test_bad_config_names_the_key(raw: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw)
+    assert expected in str(error.value)
+
+
+def test_key_of_another_method_names_its_owner() -> None:
+    from surgery.methods import METHODS
+
+    if "proda" not in METHODS:
+        pytest.skip("proda is not registered")
+    with pytest.raises(ConfigError, match=r"method.d_b: unknown key for method 'lora' \(it belongs to proda\)"):
+        parse_config(with_(method={"name": "lora", "d_b": 8}))
+
+
+def test_defaults_filled_and_trust_remote_code_off() -> None:
+    config = parse_config(BASE)
+    assert config.model.trust_remote_code is False
+    assert config.method.resolved_alpha == 8 and config.method.scaling == 2.0
+    assert config.model.labels == 2
+
+
+def test_load_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_every_shipped_config_validates() -> None:
+    configs = sorted(Path(__file__).parents[2].glob("configs/**/*.yaml"))
+    assert configs, "configs/ ships at least one config"
+    for path in configs:
+        load_config(path)

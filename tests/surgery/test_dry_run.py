@@ -1,0 +1,81 @@
+"""Plan mode: a config-only folder, meta weights, and the report's numbers from each method's formulas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from surgery.apply import main
+from surgery.methods import METHODS
+from tests.method_configs import registered_methods, small_method
+from tests.tiny_models import tiny_config
+
+
+def config_only_folder(tmp_path: Path, arch: str = "llama") -> Path:
+    folder = tmp_path / f"{arch}-config-only"
+    tiny_config(arch).save_pretrained(folder)
+    assert not any(folder.glob("*.safetensors"))
+    return folder
+
+
+def write_cfg(tmp_path: Path, model: Path, method: dict, targets=("q_proj", "v_proj")) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name_or_path": str(model)}, "targets": list(targets),
+                                    "method": method, "output_dir": str(tmp_path / "out")}))
+    return path
+
+
+@pytest.mark.parametrize("method", registered_methods())
+def test_dry_run_on_config_only_folder(method: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = write_cfg(tmp_path, config_only_folder(tmp_path), small_method(method))
+    assert main([str(cfg), "--dry-run", "--report", str(tmp_path / "plan.json")]) == 0
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert "total" in capsys.readouterr().out
+    assert len(report["modules"]) == 4
+    cls = METHODS[method]
+    config = cls.config_class(**small_method(method))
+    for row in report["modules"]:
+        assert row["trainable_params"] == cls.count_params(row["d_in"], row["d_out"], config)
+        macs = cls.macs_per_token(row["d_in"], row["d_out"], config)
+        assert (row["base_macs_per_token"], row["adapter_macs_per_token"]) == (macs.base, macs.adapter)
+    assert report["trainable_params"] == sum(r["trainable_params"] for r in report["modules"])
+    assert not (tmp_path / "out").exists(), "a dry run writes no checkpoint"
+
+
+def test_dry_run_allocates_no_weights(tmp_path: Path) -> None:
+    from surgery.apply import plan
+    from surgery.config import load_config
+
+    cfg = write_cfg(tmp_path, config_only_folder(tmp_path), {"name": "lora", "r": 4})
+    adapted = plan(load_config(cfg), dry_run=True)
+    tensors = list(adapted.model.parameters()) + list(adapted.model.buffers())
+    assert tensors and all(t.is_meta for t in tensors)
+    assert adapted.base_fingerprint == "meta"
+
+
+def test_real_run_on_config_only_folder_says_dry_run_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = write_cfg(tmp_path, config_only_folder(tmp_path), {"name": "lora", "r": 4})
+    assert main([str(cfg)]) == 2
+    assert "holds no weights" in capsys.readouterr().err
+
+
+def test_large_config_plans_on_meta(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "llama-7b"
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000).save_pretrained(folder)
+    cfg = write_cfg(tmp_path, folder, {"name": "lora", "r": 16}, targets=("q_proj", "v_proj"))
+    assert main([str(cfg), "--dry-run", "--report", str(tmp_path / "p.json")]) == 0
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["trainable_params"] == 32 * 2 * 16 * (4096 + 4096)
+    assert report["base_params"] > 6_000_000_000
+
+
+def test_layer_check_errors_come_before_any_weight(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = write_cfg(tmp_path, config_only_folder(tmp_path), {"name": "lora", "r": 64})
+    assert main([str(cfg), "--dry-run"]) == 2
+    assert "r=64 is larger than the layer's dimensions" in capsys.readouterr().err
