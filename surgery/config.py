@@ -28,9 +28,11 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name_or_path: str = Field(description="folder with config.json (+ weights), or a hub id where a hub is reachable")
-    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    task: Literal["causal-lm", "seq-cls"] = Field("causal-lm", description="what the model is trained and exported for")
     num_labels: int | None = Field(None, ge=2, description="seq-cls only; 2 when omitted")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the base weights (adapters train in float32 under half precision)"
+    )
     trust_remote_code: bool = Field(False, description="run the model repository's own code; off unless set")
 
     @model_validator(mode="after")
@@ -47,17 +49,19 @@ class ModelConfig(BaseModel):
 class SurgeryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: ModelConfig
+    model: ModelConfig = Field(description="the pretrained model (section `model`)")
     targets: TargetSpec = Field(
         description="module names (full name or '.name' suffix), one regex string, or 'all-linear'"
     )
     exclude: TargetSpec = Field(default_factory=list, description="same forms as targets; removed from the match")
-    method: method_config_union()  # type: ignore[valid-type]
+    method: method_config_union() = Field(  # type: ignore[valid-type]
+        description="the adapter method and its keys (sections `method (name: ...)`)"
+    )
     train_head: bool = Field(True, description="seq-cls: train the new classification head in full")
     modules_to_train: list[str] = Field(
         default_factory=list, description="other modules trained in full (names as in targets)"
     )
-    train: TrainConfig | None = None
+    train: TrainConfig | None = Field(None, description="training (section `train`); surgery and save only when absent")
     output_dir: Path = Field(Path("runs/default"), description="the checkpoint folder")
 
     @field_validator("targets")

@@ -17,9 +17,15 @@ from surgery.methods.proda import ProDALayer  # noqa: E402
 METHODS["proda"] = ProDALayer
 from surgery.methods.pera import PERALayer  # noqa: E402
 METHODS["pera"] = PERALayer
-# loda
-# r_loda
-# s_loda
+from surgery.methods.loda import LoDALayer, LoDAPlusLayer  # noqa: E402
+METHODS["loda"] = LoDALayer
+METHODS["loda_plus"] = LoDAPlusLayer
+from surgery.methods.r_loda import RLoDALayer, RLoDAPlusLayer  # noqa: E402
+METHODS["r_loda"] = RLoDALayer
+METHODS["r_loda_plus"] = RLoDAPlusLayer
+from surgery.methods.s_loda import SLoDALayer, SLoDAPlusLayer  # noqa: E402
+METHODS["s_loda"] = SLoDALayer
+METHODS["s_loda_plus"] = SLoDAPlusLayer
 from surgery.methods.cla import CLALayer  # noqa: E402
 METHODS["cla"] = CLALayer
 from surgery.methods.c3la import C3LALayer  # noqa: E402

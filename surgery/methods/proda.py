@@ -60,7 +60,7 @@ class ProDALayer(AdapterLayer):
         ba_x = low_rank @ self.lora_B.t()  # B A x~: (..., d_out)
         interaction = self.profile_col * ba_x + row_scaled @ self.lora_B.t()  # (B A (.) P) x~: (..., d_out)
         gamma = self.gamma_global + self.gate(x)  # (..., 1)
-        return self.scaling * (ba_x + gamma * interaction + self.profile(x))
+        return self.scaling * (ba_x + gamma * interaction) + self.profile(x)
 
     def stacked_down(self) -> torch.Tensor:
         """[A ; A diag(b_r)]: (2r, d_in), formed once per call, not per token."""
