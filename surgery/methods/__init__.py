@@ -7,29 +7,28 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from surgery.methods.base import AdapterLayer, Fold, Macs, MethodConfig, TrainProgress
+from surgery.methods.c3la import C3LALayer
+from surgery.methods.cla import CLALayer
+from surgery.methods.loda import LoDALayer, LoDAPlusLayer
 from surgery.methods.lora import LoRALayer
+from surgery.methods.pera import PERALayer
+from surgery.methods.proda import ProDALayer
+from surgery.methods.r_loda import RLoDALayer, RLoDAPlusLayer
+from surgery.methods.s_loda import SLoDALayer, SLoDAPlusLayer
 
 METHODS: dict[str, type[AdapterLayer]] = {
     "lora": LoRALayer,
+    "proda": ProDALayer,
+    "loda": LoDALayer,
+    "loda_plus": LoDAPlusLayer,
+    "r_loda": RLoDALayer,
+    "r_loda_plus": RLoDAPlusLayer,
+    "s_loda": SLoDALayer,
+    "s_loda_plus": SLoDAPlusLayer,
+    "cla": CLALayer,
+    "c3la": C3LALayer,
+    "pera": PERALayer,
 }
-# Registration lines, one per method (each file appends its own with register(...)):
-from surgery.methods.proda import ProDALayer  # noqa: E402
-METHODS["proda"] = ProDALayer
-from surgery.methods.pera import PERALayer  # noqa: E402
-METHODS["pera"] = PERALayer
-from surgery.methods.loda import LoDALayer, LoDAPlusLayer  # noqa: E402
-METHODS["loda"] = LoDALayer
-METHODS["loda_plus"] = LoDAPlusLayer
-from surgery.methods.r_loda import RLoDALayer, RLoDAPlusLayer  # noqa: E402
-METHODS["r_loda"] = RLoDALayer
-METHODS["r_loda_plus"] = RLoDAPlusLayer
-from surgery.methods.s_loda import SLoDALayer, SLoDAPlusLayer  # noqa: E402
-METHODS["s_loda"] = SLoDALayer
-METHODS["s_loda_plus"] = SLoDAPlusLayer
-from surgery.methods.cla import CLALayer  # noqa: E402
-METHODS["cla"] = CLALayer
-from surgery.methods.c3la import C3LALayer  # noqa: E402
-METHODS["c3la"] = C3LALayer
 
 
 def method_class(name: str) -> type[AdapterLayer]:

@@ -25,9 +25,9 @@ from torch.nn import functional as F
 from surgery.layers import layer_bias, weight_out_in
 from surgery.methods.base import Fold, Macs, MethodConfig, require
 from surgery.methods.loda import (
+    Approximation,
     ApproxLoDALayer,
     ApproxScope,
-    Approximation,
     F2Path,
     FrozenF1,
     LoDAConfig,
@@ -113,7 +113,7 @@ class RLoDALayer(ApproxLoDALayer):
         else:
             stacked = torch.cat([w.to("cpu", torch.float64) for w in weights])  # (sum d_out_i, d_in)
             U_R, V_R = (t.to(like.device, like.dtype) for t in truncated_svd(stacked, rank))
-        return {name: {"U_R": block, "V_R": V_R} for name, block in zip(layers, U_R.split(rows))}
+        return {name: {"U_R": block, "V_R": V_R} for name, block in zip(layers, U_R.split(rows), strict=True)}
 
     @classmethod
     def approximated_layer(cls, base: nn.Module, approximation: Approximation) -> nn.Module:

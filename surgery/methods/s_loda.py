@@ -25,9 +25,9 @@ from torch.nn import functional as F
 from surgery.layers import build_like, layer_bias, weight_out_in
 from surgery.methods.base import Fold, Macs, MethodConfig, ResidualLayer, require
 from surgery.methods.loda import (
+    Approximation,
     ApproxLoDALayer,
     ApproxScope,
-    Approximation,
     LoDAConfig,
     LoDAPlusConfig,
     adapter_macs,
@@ -99,6 +99,10 @@ class PrunedLayer(nn.Module):
     def derived_tensors(self) -> dict[str, torch.Tensor]:
         return {"pruned_weight": self.pruned_weight}
 
+    def extra_repr(self) -> str:
+        d_out, d_in = self.pruned_weight.shape
+        return f"d_in={d_in}, d_out={d_out}"
+
 
 class SLoDALayer(ApproxLoDALayer):
     """S-LoDA, or S-LoDA+ (:class:`SLoDAPlusLayer`) when the config has ``f2``."""
@@ -125,9 +129,10 @@ class SLoDALayer(ApproxLoDALayer):
         if any(w.is_meta for w in weights):  # dry run: shapes only
             pruned = [torch.empty_like(w, device="meta") for w in weights]
         else:
-            mask = magnitude_mask(torch.cat([w.to("cpu", torch.float64) for w in weights]), config.keep, config.pattern)
-            pruned = [w * m.to(w.device) for w, m in zip(weights, mask.split(rows))]
-        return {name: {"pruned_weight": w.contiguous()} for name, w in zip(layers, pruned)}
+            stacked = torch.cat([w.to("cpu", torch.float64) for w in weights])  # (sum d_out_i, d_in)
+            mask = magnitude_mask(stacked, config.keep, config.pattern)
+            pruned = [w * m.to(w.device) for w, m in zip(weights, mask.split(rows), strict=True)]
+        return {name: {"pruned_weight": w.contiguous()} for name, w in zip(layers, pruned, strict=True)}
 
     @classmethod
     def approximated_layer(cls, base: nn.Module, approximation: Approximation) -> nn.Module:

@@ -24,14 +24,14 @@ from tests.surgery.method_harness import (
     check_identity_at_init,
     check_param_count,
 )
-from tests.surgery.test_loda import loda_reference
+from tests.surgery.test_loda import config_id, loda_reference
 from tests.tiny_models import tiny_model
 
 CONFIGS = [
-    (RLoDALayer, RLoDAConfig(r=4, approx_rank=6)),
-    (RLoDALayer, RLoDAConfig(r=3, approx_rank=1, alpha=2.0, rslora=True)),
-    (RLoDAPlusLayer, RLoDAPlusConfig(r=4, approx_rank=6)),
-    (RLoDAPlusLayer, RLoDAPlusConfig(r=4, approx_rank=19, f2="ln_leaky")),
+    RLoDAConfig(r=4, approx_rank=6),
+    RLoDAConfig(r=3, approx_rank=1, alpha=2.0, rslora=True),
+    RLoDAPlusConfig(r=4, approx_rank=6),
+    RLoDAPlusConfig(r=4, approx_rank=19, f2="ln_leaky"),
 ]
 F64 = layer_tolerance(torch.float64)
 
@@ -46,9 +46,9 @@ def dense_base_reference(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
     return x @ best_rank_approx(layer.base_weight, layer.config.approx_rank).t() + layer.base_bias.detach()
 
 
-@pytest.mark.parametrize(("layer_cls", "config"), CONFIGS, ids=lambda c: f"{c.name}-R{c.approx_rank}"
-                         if isinstance(c, MethodConfig) else "")
-def test_r_loda_matches_dense_reference(layer_cls: type[AdapterLayer], config: MethodConfig) -> None:
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_r_loda_matches_dense_reference(config: MethodConfig) -> None:
+    layer_cls = METHODS[config.name]
     check_forward(layer_cls, config, loda_reference)
     check_fold(layer_cls, config)
     check_identity_at_init(layer_cls, config)

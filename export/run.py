@@ -1,0 +1,278 @@
+"""Run an exported folder: classify, generate or embed text with onnxruntime.
+
+    python -m export.run DIR --text "..." [--text-pair "..."] [--provider cpu|cuda|tensorrt] [--max-new-tokens N]
+
+DIR holds ``model.onnx`` (or optimum's ``decoder_*.onnx`` files), ``config.json``, the tokenizer files and optionally
+``generation_config.json`` and ``export_report.json``. The task comes from the report's ``task``, else from
+``config.json``'s architectures, else from the graph's outputs. Causal LMs exported with a KV cache (inputs
+``past_key_values.*``, optimum's naming) generate through optimum's ORTModelForCausalLM with the cache; a decoder
+without cache inputs (input_ids / attention_mask [/ position_ids] -> logits) runs a plain greedy loop that
+re-reads the whole sequence each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from export.latency import PROVIDERS, ProviderError, ort_session, provider_chain
+
+SEQ_CLS, CAUSAL_LM, FEATURES = "seq-cls", "causal-lm", "feature-extraction"
+
+# Task names an export report may carry (ours, and optimum's) -> the pipeline's task.
+REPORT_TASKS = {
+    "seq-cls": SEQ_CLS, "text-classification": SEQ_CLS, "sequence-classification": SEQ_CLS,
+    "causal-lm": CAUSAL_LM, "text-generation": CAUSAL_LM, "text-generation-with-past": CAUSAL_LM,
+    "feature-extraction": FEATURES, "default": FEATURES,
+}
+
+# Where to look for the graph, in order. optimum-onnx writes model.onnx; older optimum wrote decoder_* files.
+MODEL_FILES = {
+    SEQ_CLS: ("model.onnx",),
+    FEATURES: ("model.onnx",),
+    CAUSAL_LM: ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx", "decoder_model.onnx"),
+}
+INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+PAST_PREFIX = "past_key_values."
+
+
+class ExportFolderError(ValueError):
+    """The folder is missing a file, or its model does not fit the requested use."""
+
+
+def declared_task(folder: Path, config) -> str | None:
+    """The task export_report.json or config.json's architectures name, or None if neither does."""
+    report_path = folder / "export_report.json"
+    if report_path.is_file():
+        reported = json.loads(report_path.read_text()).get("task")
+        if reported is not None:
+            if reported not in REPORT_TASKS:
+                raise ExportFolderError(f"{report_path}: unknown task {reported!r}; known: {sorted(REPORT_TASKS)}")
+            return REPORT_TASKS[reported]
+    for architecture in getattr(config, "architectures", None) or []:
+        if architecture.endswith("ForSequenceClassification"):
+            return SEQ_CLS
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+            return CAUSAL_LM
+        if architecture.endswith("Model"):
+            return FEATURES
+    return None
+
+
+def task_from_outputs(folder: Path, outputs: list[ort.NodeArg]) -> str:
+    """last_hidden_state: feature extraction; logits (batch, seq, vocab): causal LM; logits (batch, labels): seq-cls."""
+    ranks = {output.name: len(output.shape) for output in outputs}
+    if "last_hidden_state" in ranks:
+        return FEATURES
+    if "logits" in ranks:
+        return CAUSAL_LM if ranks["logits"] == 3 else SEQ_CLS
+    raise ExportFolderError(
+        f"{folder}: cannot tell the task; add 'task' to export_report.json or 'architectures' to config.json"
+    )
+
+
+def find_model_file(folder: Path, task: str) -> Path:
+    for name in MODEL_FILES[task]:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p.name for p in folder.glob("*.onnx"))
+    raise ExportFolderError(f"{folder}: no {' or '.join(MODEL_FILES[task])} for task {task} (found: {found or 'none'})")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class OnnxPipeline:
+    """Tokenizer + onnxruntime session(s) of one exported folder."""
+
+    def __init__(self, folder: Path, task: str, config, tokenizer, model_file: Path, provider: str = "cpu"):
+        self.folder, self.task, self.config, self.tokenizer = folder, task, config, tokenizer
+        self.model_file, self.provider = model_file, provider
+        graph = onnx.load(str(model_file), load_external_data=False).graph
+        self.input_names = [i.name for i in graph.input if i.name not in {init.name for init in graph.initializer}]
+        # A KV cache (optimum's past_key_values.* inputs): optimum's ORTModelForCausalLM generates with it.
+        # Otherwise one plain session; the greedy loop re-reads the whole sequence each step.
+        self.decoder, self.session = None, None
+        if task == CAUSAL_LM and any(name.startswith(PAST_PREFIX) for name in self.input_names):
+            self.decoder = self._optimum_decoder()
+        else:
+            self.session = ort_session(model_file, provider)
+
+    @classmethod
+    def from_dir(cls, folder: str | Path, provider: str = "cpu") -> OnnxPipeline:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"export folder {folder} does not exist")
+        if not (folder / "config.json").is_file():
+            raise ExportFolderError(f"{folder} has no config.json; export with the model's config next to the graph")
+        provider_chain(provider)  # fail on an unknown provider before any loading
+        config = AutoConfig.from_pretrained(folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise ExportFolderError(f"{folder}: no loadable tokenizer ({err}); save the tokenizer into it") from err
+        task = declared_task(folder, config)
+        if task is None:  # only the graph can tell
+            candidates = sorted(folder.glob("*.onnx"))
+            if not candidates:
+                raise ExportFolderError(f"{folder} has no .onnx file")
+            task = task_from_outputs(folder, ort_session(candidates[0], provider).get_outputs())
+        model_file = find_model_file(folder, task)
+        return cls(folder, task, config, tokenizer, model_file, provider)
+
+    # -- feeding the graph ---------------------------------------------------------------------------------------
+
+    def _feed(self, encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The declared inputs, from the tokenizer's output; token_type_ids default to 0, position_ids follow the
+        attention mask (as transformers computes them)."""
+        mask = encoded.get("attention_mask", np.ones_like(encoded["input_ids"]))
+        derived = {
+            "attention_mask": mask,
+            "token_type_ids": np.zeros_like(encoded["input_ids"]),
+            "position_ids": np.clip(np.cumsum(mask, axis=-1) - 1, 0, None),
+        }
+        feed = {}
+        for arg in self.session.get_inputs():
+            value = encoded.get(arg.name, derived.get(arg.name))
+            if value is None:
+                raise ExportFolderError(
+                    f"{self.folder}: the graph needs input {arg.name!r}, which run.py cannot provide "
+                    f"(it provides {sorted({*encoded, *derived})})"
+                )
+            feed[arg.name] = value.astype(INT_TYPES.get(arg.type, value.dtype))
+        return feed
+
+    def _encode(self, texts: list[str], text_pairs: list[str] | None = None) -> dict[str, np.ndarray]:
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text pairs; give one pair per text")
+        return dict(self.tokenizer(texts, text_pairs, padding=True, truncation=True, return_tensors="np"))
+
+    def _require(self, task: str, method: str) -> None:
+        if self.task != task:
+            raise ExportFolderError(f"{method}() needs a {task} export; {self.folder} holds a {self.task} model")
+
+    # -- tasks -----------------------------------------------------------------------------------------------------
+
+    def classify(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
+        """[{"label": id2label[argmax], "probs": {label: probability}}] per text (softmax; sigmoid if multi-label)."""
+        self._require(SEQ_CLS, "classify")
+        logits = self.session.run(["logits"], self._feed(self._encode(texts, text_pairs)))[0]  # (batch, labels)
+        multi_label = getattr(self.config, "problem_type", None) == "multi_label_classification"
+        probs = 1 / (1 + np.exp(-logits)) if multi_label else _softmax(logits)
+        labels = [self.config.id2label[i] for i in range(logits.shape[-1])]
+        return [
+            {"label": labels[int(row.argmax())], "probs": {label: float(p) for label, p in zip(labels, row)}}
+            for row in probs
+        ]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Mean of last_hidden_state over the non-padding tokens: (len(texts), hidden)."""
+        self._require(FEATURES, "embed")
+        if "last_hidden_state" not in [o.name for o in self.session.get_outputs()]:
+            raise ExportFolderError(f"{self.folder}: embed() needs a last_hidden_state output")
+        encoded = self._encode(texts)
+        hidden = self.session.run(["last_hidden_state"], self._feed(encoded))[0]  # (batch, seq, hidden)
+        mask = encoded.get("attention_mask", np.ones(hidden.shape[:2]))[..., None].astype(hidden.dtype)
+        return (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+
+    def generate_ids(self, input_ids: np.ndarray, max_new_tokens: int = 20) -> np.ndarray:
+        """Greedy continuation of ``input_ids`` (batch, seq): the new tokens (batch, <= max_new_tokens)."""
+        self._require(CAUSAL_LM, "generate")
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if self.decoder is not None:
+            import torch
+
+            ids = torch.from_numpy(input_ids)
+            out = self.decoder.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        num_beams=1, max_new_tokens=max_new_tokens)
+            return out[:, input_ids.shape[1]:].numpy()
+        return self._greedy_loop(input_ids, max_new_tokens)
+
+    def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
+        """The greedy continuation of ``prompt`` (without the prompt)."""
+        input_ids = self.tokenizer(prompt, return_tensors="np")["input_ids"]
+        new = self.generate_ids(input_ids, max_new_tokens)[0]
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+    def _greedy_loop(self, input_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
+        """No cache: every step runs the whole sequence and appends the argmax of the last position's logits."""
+        eos = self._eos_ids()
+        ids, done = input_ids, np.zeros(input_ids.shape[0], dtype=bool)
+        for _ in range(max_new_tokens):
+            logits = self.session.run(["logits"], self._feed({"input_ids": ids}))[0]  # (batch, seq, vocab)
+            next_ids = logits[:, -1].argmax(axis=-1)
+            next_ids = np.where(done, self._pad_id(), next_ids)
+            ids = np.concatenate([ids, next_ids[:, None].astype(ids.dtype)], axis=1)
+            done |= np.isin(next_ids, list(eos))
+            if done.all():
+                break
+        return ids[:, input_ids.shape[1]:]
+
+    def _eos_ids(self) -> set[int]:
+        source = self.config
+        if (self.folder / "generation_config.json").is_file():
+            source = GenerationConfig.from_pretrained(self.folder)
+        eos = getattr(source, "eos_token_id", None)
+        return set() if eos is None else set(eos if isinstance(eos, list) else [eos])
+
+    def _pad_id(self) -> int:
+        pad = getattr(self.config, "pad_token_id", None)
+        return pad if pad is not None else 0
+
+    def _optimum_decoder(self):
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        return ORTModelForCausalLM.from_pretrained(
+            self.folder, file_name=self.model_file.name, use_cache=True, providers=provider_chain(self.provider)
+        )
+
+
+# -- command line ----------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="exported folder (model.onnx, config.json, tokenizer files)")
+    parser.add_argument("--text", action="append", required=True, help="input text; repeat for a batch")
+    parser.add_argument("--text-pair", action="append", help="second segment per --text (classification)")
+    parser.add_argument("--provider", default="cpu", help=f"one of {', '.join(PROVIDERS)} (default cpu)")
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="causal LM: tokens to generate")
+    return parser
+
+
+def _print_results(pipeline: OnnxPipeline, args: argparse.Namespace) -> None:
+    if pipeline.task == SEQ_CLS:
+        for text, result in zip(args.text, pipeline.classify(args.text, args.text_pair)):
+            probs = ", ".join(f"{label}={p:.4f}" for label, p in result["probs"].items())
+            print(f"{text!r}: {result['label']} ({probs})")
+    elif pipeline.task == CAUSAL_LM:
+        for text in args.text:
+            print(f"{text!r} -> {pipeline.generate(text, args.max_new_tokens)!r}")
+    else:
+        for text, vector in zip(args.text, pipeline.embed(args.text)):
+            print(f"{text!r}: embedding dim {vector.shape[0]}, norm {np.linalg.norm(vector):.4f}, "
+                  f"first {np.array2string(vector[:4], precision=4)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        pipeline = OnnxPipeline.from_dir(args.folder, provider=args.provider)
+        _print_results(pipeline, args)
+    except (FileNotFoundError, ProviderError, ExportFolderError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
