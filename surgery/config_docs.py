@@ -64,7 +64,10 @@ def _rows(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
         if name in skip:
             continue
         kind = "section" if _is_section(field.annotation) else _type_name(field.annotation)
-        rows.append(f"| `{name}` | {kind} | {_default(field)} | {field.description or ''} |")
+        default = _default(field)
+        if name == "alpha" and field.default is None:
+            default += f" (= {getattr(model, 'default_alpha', '2r')})"
+        rows.append(f"| `{name}` | {kind} | {default} | {field.description or ''} |")
     return rows
 
 
@@ -78,10 +81,7 @@ def render() -> str:
         lines += _table(title, _rows(model))
     for cls in dict.fromkeys(METHODS.values()):
         names = [n for n, c in METHODS.items() if c is cls]
-        config = cls.config_class
-        alpha = "2r" if config.default_alpha == "2r" else "r"
-        title = f"method (name: {' | '.join(names)}; alpha defaults to {alpha})"
-        lines += _table(title, _rows(config, skip=("name",)))
+        lines += _table(f"method (name: {' | '.join(names)})", _rows(cls.config_class, skip=("name",)))
     return "\n".join(lines)
 
 

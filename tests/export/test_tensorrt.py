@@ -163,3 +163,18 @@ def test_fp16_variant_keeps_external_data(gpt2_folders, tmp_path):
     assert any(init.data_location == TensorProto.EXTERNAL for init in onnx.load(out, load_external_data=False)
                .graph.initializer)
     _fp16_check(source, out)
+
+
+def test_fp16_op_without_cpu_kernel_stays_float32(gpt2_folders, tmp_path, monkeypatch):
+    """If the CPU provider lacks a float16 kernel, the op joins the block list and the conversion is redone."""
+    import export.tensorrt as tensorrt
+
+    errors = iter(["[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for "
+                   "LayerNormalization(17) node with name '/ln_f/LayerNormalization'", None])
+    monkeypatch.setattr(tensorrt, "_cpu_session_error", lambda path: next(errors))
+    converted = onnx.load(fp16_variant(gpt2_folders[1] / "model.onnx", tmp_path / "blocked.onnx"))
+    inferred = onnx.shape_inference.infer_shapes(converted).graph
+    dtypes = {value.name: value.type.tensor_type.elem_type for value in inferred.value_info}
+    norms = [node for node in inferred.node if node.op_type == "LayerNormalization"]
+    assert norms and all(dtypes[node.output[0]] == TensorProto.FLOAT for node in norms)  # computes in float32
+    assert any(dtypes[node.output[0]] == TensorProto.FLOAT16 for node in inferred.node if node.op_type == "MatMul")

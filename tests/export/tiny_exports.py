@@ -42,7 +42,9 @@ def labelled_bert() -> torch.nn.Module:
 def bert_encoder(seed: int = 0) -> torch.nn.Module:
     """Tiny BERT without a head (feature extraction: last_hidden_state)."""
     torch.manual_seed(seed)
-    return BertModel(tiny_config("bert"), add_pooling_layer=False, attn_implementation="eager").eval()
+    config = tiny_config("bert")
+    config._attn_implementation = "eager"
+    return BertModel(config, add_pooling_layer=False).eval()
 
 
 def lively_gpt2(seed: int = 0) -> torch.nn.Module:
