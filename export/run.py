@@ -39,6 +39,9 @@ MODEL_FILES = {
     FEATURES: ("model.onnx",),
     CAUSAL_LM: ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx", "decoder_model.onnx"),
 }
+# A folder has a tokenizer when it has one of these (fast tokenizer, its config, or a slow tokenizer's vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 PAST_PREFIX = "past_key_values."
 
@@ -116,10 +119,13 @@ class OnnxPipeline:
             raise ExportFolderError(f"{folder} has no config.json; export with the model's config next to the graph")
         provider_chain(provider)  # fail on an unknown provider before any loading
         config = AutoConfig.from_pretrained(folder)
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ExportFolderError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+                                    "save the tokenizer into it (tokenizer.save_pretrained(folder))")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as err:
-            raise ExportFolderError(f"{folder}: no loadable tokenizer ({err}); save the tokenizer into it") from err
+            raise ExportFolderError(f"{folder}: the tokenizer does not load ({err})") from err
         task = declared_task(folder, config)
         if task is None:  # only the graph can tell
             candidates = sorted(folder.glob("*.onnx"))
@@ -170,7 +176,7 @@ class OnnxPipeline:
         probs = 1 / (1 + np.exp(-logits)) if multi_label else _softmax(logits)
         labels = [self.config.id2label[i] for i in range(logits.shape[-1])]
         return [
-            {"label": labels[int(row.argmax())], "probs": {label: float(p) for label, p in zip(labels, row)}}
+            {"label": labels[int(row.argmax())], "probs": dict(zip(labels, map(float, row), strict=True))}
             for row in probs
         ]
 
@@ -251,20 +257,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_results(pipeline: OnnxPipeline, args: argparse.Namespace) -> None:
     if pipeline.task == SEQ_CLS:
-        for text, result in zip(args.text, pipeline.classify(args.text, args.text_pair)):
+        for text, result in zip(args.text, pipeline.classify(args.text, args.text_pair), strict=True):
             probs = ", ".join(f"{label}={p:.4f}" for label, p in result["probs"].items())
             print(f"{text!r}: {result['label']} ({probs})")
     elif pipeline.task == CAUSAL_LM:
         for text in args.text:
             print(f"{text!r} -> {pipeline.generate(text, args.max_new_tokens)!r}")
     else:
-        for text, vector in zip(args.text, pipeline.embed(args.text)):
+        for text, vector in zip(args.text, pipeline.embed(args.text), strict=True):
             print(f"{text!r}: embedding dim {vector.shape[0]}, norm {np.linalg.norm(vector):.4f}, "
                   f"first {np.array2string(vector[:4], precision=4)}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.text_pair is not None and len(args.text_pair) != len(args.text):
+        parser.error(f"{len(args.text)} --text but {len(args.text_pair)} --text-pair; give one pair per text")
     try:
         pipeline = OnnxPipeline.from_dir(args.folder, provider=args.provider)
         _print_results(pipeline, args)

@@ -49,7 +49,7 @@ def test_classify_matches_torch_and_names_labels(bert):
     encoded = word_tokenizer(encoder=True)(TEXTS, ["it was good", "not very bad"], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = model(**encoded).logits.softmax(-1).numpy()
-    for result, row in zip(results, expected):
+    for result, row in zip(results, expected, strict=True):
         assert list(result["probs"]) == list(LABELS.values())
         probs = np.array(list(result["probs"].values()))
         assert probs.sum() == pytest.approx(1.0, abs=1e-6)
@@ -121,6 +121,10 @@ def test_missing_folder_and_model_file(bert, tmp_path, capsys):
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BertForSequenceClassification"]}))
     with pytest.raises(ExportFolderError, match="no model.onnx for task seq-cls"):
         OnnxPipeline.from_dir(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    assert main([str(folder), "--text", "a cat"]) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err
 
 
 def test_cli_classifies_and_generates(bert, gpt2, capsys):
