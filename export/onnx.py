@@ -1,0 +1,387 @@
+"""``python -m export.onnx CKPT --merge``: fold an adapter checkpoint, export it to ONNX, verify it, report.
+
+    python -m export.onnx runs/demo --merge                       # folded export into runs/demo/onnx
+    python -m export.onnx runs/demo                               # the unfolded adapter graph (for comparison)
+    python -m export.onnx runs/demo --merge --dtype fp16 --max-overhead 1.2 --out exported/
+
+Steps: load the checkpoint onto its untouched base model; fold every adapter layer (``--merge``; each fold checked
+against its layer); export with optimum-onnx where it knows the architecture (decoders with KV cache), else with
+torch.onnx; check onnxruntime against the unfolded PyTorch model (and greedy decoding for decoders); measure
+latency against the base model exported the same way; check TensorRT readiness and an fp16 variant; write
+``export_report.json`` and ``EXPORT_REPORT.md`` into the output folder.
+
+Exit status: 0 when every check passed; 1 when a check failed (fold, parity, greedy decoding, fp16 variant,
+``--max-overhead``), with the report written; 2 when the inputs cannot be used (checkpoint, base model, options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.exporters import BACKEND_CHOICES, CAUSAL_LM, ExportedGraph, ExportError, export_model, save_single_file
+from export.fold import FoldError, LayerFold, fold_model, model_macs, tensor_sharing_copy, unfolded_layers
+from export.report import summary, write_report
+from export.verify import Parity, onnx_feed, sample_inputs, session, torch_feed, verify_export
+from surgery.checkpoint import CheckpointError, load_checkpoint
+from surgery.config import ConfigError
+from surgery.model import ModelLoadError, load_model, load_tokenizer
+from surgery.rewrite import AdaptedModel
+from surgery.targets import TargetError
+from surgery.tolerances import MODEL, Tolerance
+
+DEFAULT_OPSET = 18  # optimum-onnx's default for these architectures; TensorRT 10 parses opsets 9-20
+MIN_OPSET = 17  # LayerNormalization as one op
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+FP16_DIR = "fp16"
+LATENCY_BATCH, LATENCY_MAX_SEQUENCE = 1, 128
+USER_ERRORS = (CheckpointError, ModelLoadError, ConfigError, TargetError, ExportError, FileNotFoundError, ValueError)
+
+Log = Callable[[str], None]
+
+
+class ExportFailed(RuntimeError):
+    """The export was written but a check failed; ``report`` holds the findings (also in the output folder)."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+# ---- the pipeline -------------------------------------------------------------------------------------------------
+def export_checkpoint(
+    ckpt: str | Path,
+    out: str | Path | None = None,
+    merge: bool = True,
+    opset: int = DEFAULT_OPSET,
+    dtype: str = "fp32",
+    max_overhead: float | None = None,
+    *,
+    backend: str = "auto",
+    model_path: str | None = None,
+    base_onnx: str | Path | None = None,
+    latency: bool = True,
+    fp16_check: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Fold (``merge``), export, verify, measure and report one checkpoint; returns the report.
+
+    ``base_onnx`` reuses an export of the base model for the latency comparison (else one is made in a temporary
+    folder). Raises :class:`ExportFailed` (report written) when a check fails, :class:`FoldError` when a layer's
+    fold is off, and CheckpointError / ModelLoadError / ExportError / ValueError for unusable inputs.
+    """
+    check_options(opset, dtype, max_overhead, latency)
+    ckpt = Path(ckpt)
+    out = Path(out) if out is not None else ckpt / ("onnx" if merge else "onnx_unfolded")
+    step = Steps(log, total=6 if latency else 5)
+    step("loading the checkpoint", f"{ckpt}")
+    adapted = load_checkpoint(ckpt, model_path=model_path)
+    reference = adapted.model.eval()
+    tolerance = export_tolerance(model_dtype(reference), dtype)
+    step("folding" if merge else "keeping the adapters unfolded", f"{len(adapted.layers)} adapted layers")
+    deployed, layers = deployable(adapted, merge)
+    step("exporting", f"into {out}")
+    clear_previous_export(out)
+    graph = export_model(as_float32(deployed), out, opset, backend, log=step.detail)
+    save_tokenizer(adapted, out, step.detail)
+    if dtype == "fp16":
+        to_fp16_in_place(graph)
+    report = base_report(ckpt, adapted, graph, merge, dtype, layers, reference)
+    step("verifying", f"onnxruntime vs the unfolded PyTorch model at {tolerance.atol:g} / {tolerance.rtol:g}")
+    parity = verify_export(graph, reference, tolerance)
+    report["parity"] = parity.as_dict()
+    if not parity.passed:
+        fail(report, out, parity.failure() or "parity failed", log)
+    if latency:
+        step("measuring latency", "against the base model exported the same way")
+        report["latency"] = measure(graph, adapted, reference, deployed, dtype, base_onnx, max_overhead)
+    step("checking TensorRT readiness", "opset, ops, profiles" + (", fp16 variant" if fp16_check else ""))
+    report["tensorrt"] = tensorrt_section(graph, reference, layers, dtype, fp16_check, parity, report["errors"])
+    overhead_error(report, max_overhead)
+    if report["errors"]:
+        fail(report, out, "; ".join(report["errors"]), log)
+    report["passed"] = True
+    write_report(report, out)
+    step.done(out)
+    return report
+
+
+def check_options(opset: int, dtype: str, max_overhead: float | None, latency: bool) -> None:
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset {opset}: use {MIN_OPSET} or later (TensorRT readiness needs LayerNormalization "
+                         f"as one op); the default is {DEFAULT_OPSET}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    if max_overhead is not None and max_overhead <= 0:
+        raise ValueError(f"--max-overhead {max_overhead}: must be a positive ratio (e.g. 1.2)")
+    if max_overhead is not None and not latency:
+        raise ValueError("--max-overhead needs the latency measurement; drop --no-latency")
+
+
+class Steps:
+    """Numbered progress lines with the elapsed time."""
+
+    def __init__(self, log: Log, total: int) -> None:
+        self.log, self.count, self.total, self.start = log, 0, total, time.perf_counter()
+
+    def __call__(self, what: str, detail: str = "") -> None:
+        self.count += 1
+        self.log(f"[{self.count}/{self.total}] {what}{': ' + detail if detail else ''} "
+                 f"({time.perf_counter() - self.start:.1f}s)")
+
+    def detail(self, message: str) -> None:
+        self.log(f"      {message}")
+
+    def done(self, out: Path) -> None:
+        self.log(f"done in {time.perf_counter() - self.start:.1f}s: {out}")
+
+
+# ---- fold and export ----------------------------------------------------------------------------------------------
+def deployable(adapted: AdaptedModel, merge: bool) -> tuple[nn.Module, list[LayerFold]]:
+    """The model to export and its layer records: folded, or the adapter graph as it is."""
+    if merge:
+        folded = fold_model(adapted)
+        return folded.model, folded.layers
+    return tensor_sharing_copy(adapted.model).eval(), unfolded_layers(adapted)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def as_float32(model: nn.Module) -> nn.Module:
+    """Exports trace in float32 (``--dtype fp16`` converts the graph afterwards); a half-precision model is
+    upcast on a full copy, so the reference keeps its own tensors."""
+    if model_dtype(model) == torch.float32:
+        return model
+    return copy.deepcopy(model).float()
+
+
+def export_tolerance(weights: torch.dtype, dtype: str) -> Tolerance:
+    """MODEL[float16] for an fp16 export or half-precision weights, MODEL[float32] otherwise."""
+    lossiest = EXPORT_DTYPES[dtype] if weights == torch.float32 else weights
+    if lossiest not in MODEL:
+        raise ValueError(f"surgery/tolerances.py has no MODEL tolerance for {lossiest} (the base model's dtype); "
+                         f"export a float32 or float16 base model, or add a MODEL entry with its reason")
+    return MODEL[lossiest]
+
+
+def clear_previous_export(out: Path) -> None:
+    """Remove what an earlier export left in ``out`` (graphs, external data, the fp16 variant, reports)."""
+    if not out.is_dir():
+        return
+    for pattern in ("*.onnx", "*.onnx_data", "*.onnx.data", "export_report.json", "EXPORT_REPORT.md"):
+        for path in out.glob(pattern):
+            path.unlink()
+    shutil.rmtree(out / FP16_DIR, ignore_errors=True)
+
+
+def save_tokenizer(adapted: AdaptedModel, out: Path, log: Log) -> None:
+    try:
+        load_tokenizer(adapted.config.model).save_pretrained(out)
+    except ModelLoadError as error:
+        log(f"warning: no tokenizer saved ({error}); export.run needs one in {out}")
+
+
+def to_fp16_in_place(graph: ExportedGraph) -> None:
+    """Replace the graph by its float16 conversion (float32 inputs and outputs)."""
+    from export.tensorrt import fp16_variant
+
+    with tempfile.TemporaryDirectory(dir=graph.folder, prefix=".fp16.") as scratch:
+        converted = fp16_variant(graph.model_file, Path(scratch) / graph.model_file.name)
+        data = graph.model_file.with_name(graph.model_file.name + "_data")
+        data.unlink(missing_ok=True)
+        save_single_file(converted, graph.model_file)
+
+
+# ---- latency ------------------------------------------------------------------------------------------------------
+def latency_sequence(config: Any) -> int:
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(LATENCY_MAX_SEQUENCE, positions // 2) if positions else LATENCY_MAX_SEQUENCE
+
+
+def measure(graph: ExportedGraph, adapted: AdaptedModel, reference: nn.Module, deployed: nn.Module, dtype: str,
+            base_onnx: str | Path | None, max_overhead: float | None) -> dict[str, Any]:
+    """export.latency.measure_latency on one batch-1 input, with a base export made the same way if needed."""
+    from export.latency import measure_latency
+
+    seq = latency_sequence(reference.config)
+    inputs = sample_inputs(int(reference.config.vocab_size), LATENCY_BATCH, seq, seed=99)
+    feed = onnx_feed(session(graph.model_file), inputs)
+    with tempfile.TemporaryDirectory(prefix="base_onnx.") as scratch:
+        base_path = Path(base_onnx) if base_onnx else export_base(adapted, graph, dtype, Path(scratch))
+        result = measure_latency(graph.model_file, base_path, reference, deployed, feed, torch_inputs=torch_feed(feed))
+    kind = " (prefill, empty cache)" if graph.with_past else ""
+    return {**result, "input": f"batch {LATENCY_BATCH} x seq {seq}{kind}", "max_overhead": max_overhead,
+            "base_onnx": str(base_onnx) if base_onnx else "exported for this run"}
+
+
+def export_base(adapted: AdaptedModel, graph: ExportedGraph, dtype: str, folder: Path) -> Path:
+    """The base model (no adapter) exported with the same backend, opset and dtype."""
+    base = as_float32(load_model(adapted.config.model))
+    base_graph = export_model(base, folder, graph.opset, graph.backend, task=graph.task, log=lambda _: None)
+    if dtype == "fp16":
+        to_fp16_in_place(base_graph)
+    return base_graph.model_file
+
+
+def overhead_error(report: dict[str, Any], max_overhead: float | None) -> None:
+    latency = report.get("latency")
+    if max_overhead is None or latency is None or latency["overhead"] <= max_overhead:
+        return
+    report["errors"].append(
+        f"onnxruntime overhead {latency['overhead']:.3f} (export {latency['ort_ms']:.3f} ms / base "
+        f"{latency['base_ort_ms']:.3f} ms) exceeds --max-overhead {max_overhead:g}"
+    )
+
+
+# ---- TensorRT -----------------------------------------------------------------------------------------------------
+def profile_max_sequence(config: Any, with_past: bool) -> int:
+    """The profile's longest sequence: the model's positions (up to 512), halved with a cache so that past +
+    new tokens stay within them."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
+    longest = min(512, int(positions))
+    return longest // 2 if with_past else longest
+
+
+def tensorrt_section(graph: ExportedGraph, reference: nn.Module, layers: list[LayerFold], dtype: str,
+                     fp16_check: bool, parity: Parity, errors: list[str]) -> dict[str, Any]:
+    """trt_readiness with a profile sized to the model, and the fp16 variant checked at MODEL[float16]."""
+    from export.tensorrt import fp16_variant, suggest_profile, trt_readiness
+
+    max_seq = profile_max_sequence(reference.config, graph.with_past)
+    profile = suggest_profile(graph.model_file, opt_seq=max(1, max_seq // 4), max_seq=max_seq)
+    readiness = trt_readiness(graph.model_file, graph.opset, any(layer.sparse_2_4 for layer in layers), profile)
+    if dtype == "fp16":
+        readiness["fp16"] = {"file": graph.model_file.name, "parity": parity.as_dict()}
+    elif fp16_check:
+        path = fp16_variant(graph.model_file, graph.folder / FP16_DIR / graph.model_file.name)
+        fp16_parity = verify_export(graph, reference, MODEL[torch.float16], model_file=path, greedy=False)
+        readiness["fp16"] = {"file": str(path.relative_to(graph.folder)), "parity": fp16_parity.as_dict()}
+        if not fp16_parity.passed:
+            errors.append(f"fp16 variant {path}: {fp16_parity.failure()}")
+    return readiness
+
+
+# ---- report -------------------------------------------------------------------------------------------------------
+def base_report(ckpt: Path, adapted: AdaptedModel, graph: ExportedGraph, merge: bool, dtype: str,
+                layers: list[LayerFold], reference: nn.Module) -> dict[str, Any]:
+    macs, base_macs = model_macs(reference, layers)
+    files = {"model": graph.model_file.name}
+    if graph.external_data:
+        files["external_data"] = graph.model_file.name + "_data"
+    return {
+        "passed": False,
+        "errors": [],
+        "checkpoint": str(ckpt),
+        "base_model": adapted.config.model.name_or_path,
+        "method": adapted.config.method.name,
+        "task": graph.task,
+        "merge": merge,
+        "backend": graph.backend,
+        "with_past": graph.with_past,
+        "opset": graph.opset,
+        "dtype": dtype,
+        "files": files,
+        "parity": None,
+        "latency": None,
+        "layers": [layer.as_dict() for layer in layers],
+        "macs_per_token": macs,
+        "base_macs_per_token": base_macs,
+        "tensorrt": None,
+        "versions": versions(),
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    for package in ("optimum-onnx", "optimum"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def fail(report: dict[str, Any], out: Path, message: str, log: Log) -> None:
+    if message not in report["errors"]:
+        report["errors"].append(message)
+    report["passed"] = False
+    write_report(report, out)
+    raise ExportFailed(message, report)
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("checkpoint", type=Path, help="checkpoint folder written by surgery/training "
+                        "(adapter.safetensors, surgery.yaml, checkpoint.json)")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold the adapters (METHODS.md): fully mergeable layers become plain Linear/Conv1D, "
+                             "others the folded weight plus their residual path; without it the unfolded adapter "
+                             "graph is exported")
+    parser.add_argument("--out", type=Path, help="output folder (default CKPT/onnx, or CKPT/onnx_unfolded without "
+                                                 "--merge)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset, >= {MIN_OPSET} (default {DEFAULT_OPSET})")
+    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32",
+                        help="dtype of the exported weights and activations; fp16 keeps float32 inputs/outputs and "
+                             "is verified at the float16 tolerance (default fp32)")
+    parser.add_argument("--max-overhead", type=float, metavar="X",
+                        help="fail when onnxruntime latency of the export / that of the base model exceeds X")
+    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                        help="auto: optimum-onnx where it knows the architecture, else torch.onnx; optimum or torch "
+                             "force one (optimum fails on an unknown architecture)")
+    parser.add_argument("--model-path", help="where the base model is now, if it moved since training (its weights "
+                                             "must be the ones the checkpoint was trained on)")
+    parser.add_argument("--base-onnx", type=Path, help="an existing ONNX export of the base model to compare latency "
+                                                       "against (default: export it again, the same way)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--no-fp16-check", action="store_true",
+                        help="skip building and verifying the fp16 variant (TensorRT readiness)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = export_checkpoint(
+            args.checkpoint, args.out, merge=args.merge, opset=args.opset, dtype=args.dtype,
+            max_overhead=args.max_overhead, backend=args.backend, model_path=args.model_path,
+            base_onnx=args.base_onnx, latency=not args.no_latency, fp16_check=not args.no_fp16_check,
+        )
+    except ExportFailed as failure:
+        print(summary(failure.report))
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+    except FoldError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

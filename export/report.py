@@ -1,0 +1,149 @@
+"""The export report: ``export_report.json`` (machine-readable) and ``EXPORT_REPORT.md`` (for people), same content.
+
+Keys every report has: ``parity`` {max_abs_diff, max_rel_diff, tolerance, greedy_match (null for encoders)},
+``latency`` {ort_ms, base_ort_ms, overhead, torch_unfolded_ms, torch_folded_ms} (null when skipped), ``layers``
+[{name, method, folded, residual, fold_error, ...}], ``macs_per_token``, ``base_macs_per_token``, ``passed`` and
+``errors``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REPORT_JSON = "export_report.json"
+REPORT_MD = "EXPORT_REPORT.md"
+
+
+def write_report(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
+    """Write both files into ``folder``; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / REPORT_JSON, folder / REPORT_MD
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md_path.write_text(markdown(report))
+    return json_path, md_path
+
+
+# ---- markdown -----------------------------------------------------------------------------------------------------
+def markdown(report: dict[str, Any]) -> str:
+    sections = [
+        _header(report),
+        _parity(report.get("parity")),
+        _latency(report.get("latency")),
+        _layers(report["layers"]),
+        _tensorrt(report.get("tensorrt")),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _header(report: dict[str, Any]) -> str:
+    status = "PASSED" if report["passed"] else "FAILED"
+    rows = [
+        ("checkpoint", report["checkpoint"]),
+        ("base model", report["base_model"]),
+        ("method", report["method"]),
+        ("task", report["task"]),
+        ("fold", "merged (--merge)" if report["merge"] else "unfolded adapter graph"),
+        ("backend", f"{report['backend']} (opset {report['opset']}, {report['dtype']})"),
+        ("files", ", ".join(report["files"].values())),
+        ("MACs / token", f"{report['macs_per_token']:,} (base {report['base_macs_per_token']:,})"),
+    ]
+    lines = [f"# Export report: {status}", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+    lines += [f"\n**Error:** {error}" for error in report.get("errors", [])]
+    return "\n".join(lines)
+
+
+def _parity(parity: dict[str, Any] | None) -> str:
+    if parity is None:
+        return ""
+    tol = parity["tolerance"]
+    greedy = {None: "n/a (encoder)", True: "match", False: "MISMATCH"}[parity["greedy_match"]]
+    lines = [
+        "## Parity: onnxruntime vs the unfolded PyTorch model",
+        "",
+        f"Tolerance atol {tol['atol']:g}, rtol {tol['rtol']:g} ({tol['reason']}); rule: {tol['rule']}.",
+        f"Max abs diff {parity['max_abs_diff']:.3g}, max rel diff {parity['max_rel_diff']:.3g}; greedy 20 tokens: "
+        f"{greedy}.",
+        "",
+        "| case | max abs | max rel | within |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {c['case']} | {c['max_abs_diff']:.3g} | {c['max_rel_diff']:.3g} | {'yes' if c['within'] else 'NO'} |"
+              for c in parity["cases"]]
+    return "\n".join(lines)
+
+
+def _latency(latency: dict[str, Any] | None) -> str:
+    if latency is None:
+        return "## Latency\n\nnot measured (--no-latency)"
+    rows = [("onnxruntime, this export", latency["ort_ms"]), ("onnxruntime, base model", latency["base_ort_ms"]),
+            ("PyTorch eager, unfolded", latency["torch_unfolded_ms"]),
+            ("PyTorch eager, folded", latency["torch_folded_ms"])]
+    lines = ["## Latency (median ms, interleaved runs after warm-up)", "",
+             f"Input {latency.get('input', '')}; overhead (export / base) **{latency['overhead']:.3f}**"
+             + (f", limit {latency['max_overhead']:g}" if latency.get("max_overhead") is not None else ""),
+             "", "| | ms |", "|---|---|", *(f"| {name} | {ms:.3f} |" for name, ms in rows)]
+    return "\n".join(lines)
+
+
+def _layers(layers: list[dict[str, Any]]) -> str:
+    lines = ["## Layers", "", "| layer | method | folded | stored as | residual | fold error | MACs / token |",
+             "|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        error = "" if layer["fold_error"] is None else f"{layer['fold_error']:.2g}"
+        lines.append(f"| {layer['name']} | {layer['method']} | {'yes' if layer['folded'] else 'no'} | "
+                     f"{layer['note']} | {layer['residual'] or 'none'} | {error} | {layer['macs_per_token']:,} |")
+    return "\n".join(lines)
+
+
+def _tensorrt(trt: dict[str, Any] | None) -> str:
+    if trt is None:
+        return ""
+    lines = ["## TensorRT readiness", "",
+             f"Ready: {'yes' if trt['ready'] else 'no'}; opset {trt['graph_opset']} "
+             f"({'ok' if trt['opset_ok'] else 'too old'}); ops outside TensorRT's ONNX parser: "
+             f"{', '.join(trt['unsupported_ops']) or 'none'}; 2:4 sparse weights: {'yes' if trt['sparse_2_4'] else 'no'}."]
+    lines += [f"- {problem}" for problem in trt.get("problems", [])]
+    fp16 = trt.get("fp16")
+    if fp16:
+        parity = fp16["parity"]
+        lines.append(f"\nfp16 variant `{fp16['file']}`: max abs diff {parity['max_abs_diff']:.3g} vs the unfolded "
+                     f"PyTorch model (tolerance atol {parity['tolerance']['atol']:g}, rtol "
+                     f"{parity['tolerance']['rtol']:g}): {'passed' if parity['passed'] else 'FAILED'}.")
+    lines += ["", "Dynamic axes and suggested profile (min / opt / max):", ""]
+    lines += [f"- `{name}`: {shapes['min']} / {shapes['opt']} / {shapes['max']}" for name, shapes in trt["profile"].items()]
+    lines += ["", "```sh", trt["trtexec"], "```"]
+    return "\n".join(lines)
+
+
+# ---- console summary ----------------------------------------------------------------------------------------------
+def summary(report: dict[str, Any]) -> str:
+    """A few lines for the terminal after an export."""
+    parity = report.get("parity")
+    lines = [f"export {'passed' if report['passed'] else 'FAILED'}: {report['files']['model']} "
+             f"({report['backend']}, opset {report['opset']}, {report['dtype']}, task {report['task']})"]
+    folded = sum(layer["folded"] for layer in report["layers"])
+    residual = sum(layer["residual"] is not None for layer in report["layers"])
+    lines.append(f"  layers: {len(report['layers'])} adapted, {folded} folded, {residual} with a residual path; "
+                 f"max fold error {_max_fold_error(report['layers'])}")
+    if parity:
+        greedy = {None: "n/a", True: "match", False: "MISMATCH"}[parity["greedy_match"]]
+        lines.append(f"  parity: max abs {parity['max_abs_diff']:.3g}, max rel {parity['max_rel_diff']:.3g} "
+                     f"(atol {parity['tolerance']['atol']:g}, rtol {parity['tolerance']['rtol']:g}); greedy {greedy}")
+    latency = report.get("latency")
+    if latency:
+        lines.append(f"  latency (ms): onnx {latency['ort_ms']:.3f}, base onnx {latency['base_ort_ms']:.3f}, "
+                     f"overhead {latency['overhead']:.3f}; torch unfolded {latency['torch_unfolded_ms']:.3f}, "
+                     f"folded {latency['torch_folded_ms']:.3f}")
+    lines.append(f"  MACs/token: {report['macs_per_token']:,} (base {report['base_macs_per_token']:,})")
+    trt = report.get("tensorrt")
+    if trt:
+        lines.append(f"  TensorRT: {'ready' if trt['ready'] else 'not ready'}; {trt['trtexec']}")
+    lines += [f"  error: {error}" for error in report.get("errors", [])]
+    return "\n".join(lines)
+
+
+def _max_fold_error(layers: list[dict[str, Any]]) -> str:
+    errors = [layer["fold_error"] for layer in layers if layer["fold_error"] is not None]
+    return f"{max(errors):.2g}" if errors else "n/a"

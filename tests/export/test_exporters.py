@@ -1,0 +1,141 @@
+"""export/exporters.py: which backend each architecture takes, the torch.onnx fallback's parity, the folders that
+optimum's ORTModel classes load, and external data in one file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    OpenAIGPTConfig,
+    RobertaPreLayerNormConfig,
+)
+
+from export.exporters import (
+    EXTERNAL_DATA_FILE,
+    ExportError,
+    choose_backend,
+    export_model,
+    model_task,
+    save_single_file,
+    uses_external_data,
+)
+from export.verify import verify_export
+from surgery.tolerances import MODEL
+from tests.export.tiny_exports import bert_encoder, lively_gpt2
+from tests.tiny_models import ARCHITECTURES, random_ids, tiny_model
+
+TOL = MODEL[torch.float32]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def unknown_encoder() -> torch.nn.Module:
+    """A seq-cls model type optimum-onnx has no ONNX config for."""
+    torch.manual_seed(0)
+    config = RobertaPreLayerNormConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                       intermediate_size=64, max_position_embeddings=80, pad_token_id=1)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").eval()
+
+
+def unknown_decoder() -> torch.nn.Module:
+    """A causal LM (Conv1D layers) optimum-onnx has no ONNX config for."""
+    torch.manual_seed(0)
+    config = OpenAIGPTConfig(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=128)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # logits of a few units, so greedy decoding has clear winners
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.mul_(15)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_optimum_takes_every_tiny_architecture(arch: str) -> None:
+    model = tiny_model(arch)
+    assert choose_backend(model, model_task(model), log=quiet).name == "optimum"
+
+
+@pytest.mark.parametrize("make", [unknown_encoder, unknown_decoder])
+def test_unknown_architectures_fall_back_to_torch_onnx_and_verify(make, tmp_path: Path) -> None:
+    model, said = make(), []
+    graph = export_model(model, tmp_path, log=said.append)
+    assert graph.backend == "torch" and not graph.with_past
+    assert "no ONNX config" in said[0] and "falling back to torch.onnx" in said[0]
+    parity = verify_export(graph, model, TOL)
+    assert parity.passed, parity.failure()
+    assert parity.greedy_match is (True if graph.task == "causal-lm" else None)
+    assert (tmp_path / "config.json").is_file()
+
+
+def test_optimum_without_fallback_names_the_architecture(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"no ONNX config for model type 'roberta-prelayernorm'.*--backend auto"):
+        export_model(unknown_encoder(), tmp_path, backend="optimum", log=quiet)
+    with pytest.raises(ExportError, match="unknown backend 'tvm'"):
+        export_model(unknown_encoder(), tmp_path, backend="tvm", log=quiet)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_torch_backend_on_known_architectures(arch: str, tmp_path: Path) -> None:
+    model = lively_gpt2() if arch == "gpt2" else tiny_model(arch)
+    graph = export_model(model, tmp_path, backend="torch", log=quiet)
+    parity = verify_export(graph, model, TOL)
+    assert parity.passed, parity.failure()
+    assert len(parity.cases) == 2  # batch 1 and 3, two sequence lengths; no cache
+
+
+def test_seq_cls_folder_loads_in_ort_sequence_classification(tmp_path: Path) -> None:
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    model = tiny_model("bert")
+    export_model(model, tmp_path, log=quiet)
+    ids = random_ids(2, 6)
+    ort_logits = ORTModelForSequenceClassification.from_pretrained(tmp_path)(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(ort_logits, model(input_ids=ids).logits, atol=TOL.atol, rtol=TOL.rtol)
+
+
+def test_feature_extraction_folder_loads_in_ort_feature_extraction(tmp_path: Path) -> None:
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+    model = bert_encoder()
+    graph = export_model(model, tmp_path, log=quiet)
+    assert graph.task == "feature-extraction" and graph.backend == "optimum"
+    ids = random_ids(3, 5)
+    hidden = ORTModelForFeatureExtraction.from_pretrained(tmp_path)(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(hidden, expected, atol=TOL.atol, rtol=TOL.rtol)
+    assert verify_export(graph, model, TOL).passed
+
+
+def test_external_data_is_gathered_into_model_onnx_data(tmp_path: Path) -> None:
+    """A graph whose exporter kept one file per tensor comes out as model.onnx + model.onnx_data."""
+    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", 64])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    scattered = tmp_path / "scattered"
+    scattered.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(scattered / "model.onnx"),
+              save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    target = tmp_path / "out" / "model.onnx"
+    target.parent.mkdir()
+    save_single_file(scattered / "model.onnx", target)
+    assert uses_external_data(target) and (target.parent / EXTERNAL_DATA_FILE).is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.onnx", EXTERNAL_DATA_FILE]
+    x = np.ones((2, 64), np.float32)
+    y = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ weight, rtol=1e-5)

@@ -1,0 +1,159 @@
+"""Periodic training checkpoints: ``output_dir/checkpoints/step-N/`` holds the adapter checkpoint (the same three
+files as a final one) plus ``trainer_state.pt`` (optimizer, scheduler, RNG states, step, history).
+
+A checkpoint is written into a hidden temporary folder and renamed into place in one step, so a run killed while
+saving leaves the previous checkpoints intact and at worst a ``.step-N.*.tmp`` folder that the next run removes.
+``trainer_state.pt`` holds only tensors and plain Python values: it is read with ``torch.load(weights_only=True)``,
+never unpickled, and its SHA-256 is pinned in the checkpoint's manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from surgery.checkpoint import (
+    CheckpointError,
+    _check_base,
+    _check_derived,
+    file_hash,
+    read_manifest,
+    read_tensors,
+    restore_tensors,
+    save_checkpoint,
+)
+from surgery.rewrite import AdaptedModel
+
+STATE_FILE = "trainer_state.pt"
+STEP_FOLDER = re.compile(r"^step-(\d+)$")
+TMP_GLOB = ".step-*.tmp"
+log = logging.getLogger("train")
+
+
+# ---- RNG ---------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Every global random state training draws from (dropout, user code), as tensors and plain values."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                  "cached_gaussian": cached},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- saving ------------------------------------------------------------------------------------------------
+def save_training_checkpoint(adapted: AdaptedModel, root: Path, step: int, trainer_state: dict[str, Any],
+                             keep: int) -> Path:
+    """Write ``root/step-{step}`` atomically and keep only the newest ``keep`` step folders."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.", suffix=".tmp"))
+    try:
+        torch.save(trainer_state, tmp / STATE_FILE)
+        save_checkpoint(adapted, tmp, extra={"step": step, "trainer_state": {STATE_FILE: file_hash(tmp / STATE_FILE)}})
+        _move_into_place(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    prune(root, keep)
+    return folder
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Rename ``tmp`` to ``folder``; an existing ``folder`` (the same step saved again) is swapped out first."""
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old.tmp")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def step_folders(root: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``step-N`` folder under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_FOLDER.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def prune(root: Path, keep: int) -> None:
+    for _, folder in step_folders(root)[keep:]:
+        shutil.rmtree(folder)
+
+
+def clear(root: Path) -> None:
+    """Remove every step folder and leftover temporary folder (a fresh run in an old output_dir)."""
+    old = step_folders(root)
+    if old:
+        log.warning("starting fresh: removing %d checkpoint(s) of an earlier run from %s (use --resume to continue "
+                    "it instead)", len(old), root)
+    for _, folder in old:
+        shutil.rmtree(folder)
+    remove_leftovers(root)
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete temporary folders a killed save left behind."""
+    for leftover in root.glob(TMP_GLOB) if root.is_dir() else ():
+        shutil.rmtree(leftover)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest intact step folder; damaged ones are skipped with a warning."""
+    for _, folder in step_folders(root):
+        try:
+            check_folder(folder)
+            return folder
+        except CheckpointError as error:
+            log.warning("skipping damaged checkpoint %s: %s", folder, error)
+    return None
+
+
+def check_folder(folder: Path) -> dict[str, Any]:
+    """The manifest of a training checkpoint whose files (trainer state included) all match their hashes."""
+    manifest = read_manifest(folder)
+    expected = manifest.get("trainer_state", {}).get(STATE_FILE)
+    path = folder / STATE_FILE
+    if expected is None or not path.is_file() or file_hash(path) != expected:
+        raise CheckpointError(f"{path}: missing or not the file this checkpoint was saved with")
+    return manifest
+
+
+def restore_adapters(adapted: AdaptedModel, folder: Path) -> None:
+    """Load a step folder's adapter tensors into a model built from the untouched base (c3LA replays its links)."""
+    manifest = check_folder(folder)
+    _check_base(adapted, manifest, folder)
+    restore_tensors(adapted, read_tensors(folder), folder)
+    _check_derived(adapted, manifest, folder)
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    try:
+        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError) as error:
+        raise CheckpointError(f"{folder / STATE_FILE}: cannot read the trainer state ({error})") from None

@@ -1,0 +1,373 @@
+"""Train a surgered model: ``train_adapters(adapted, tokenizer, output_dir, resume=False) -> metrics``.
+
+An accelerate loop, so the same code runs on one CPU, one GPU or data-parallel under ``accelerate launch``:
+AdamW over the declared adapter parameters (LoRA+ groups), linear warm-up and decay, gradient accumulation,
+clipping, bf16/fp16 autocast where the device has it. Each optimizer step's loss is the sum over every target of
+the global batch (all micro-batches, all processes) divided by their count, so accumulation and data parallelism
+give the gradient of one big batch. After every step each adapter's schedule hook runs (c3LA's chain switches)
+and the optimizer state of what it returns is reset.
+
+Checkpoints go to ``output_dir/checkpoints/step-N`` (see :mod:`train.state`), the final adapter checkpoint and
+``metrics.json`` to ``output_dir``. ``resume=True`` continues from the newest intact step folder: same data order,
+RNG, optimizer and schedule, so N steps straight and N/2 + resume + N/2 give the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from surgery.checkpoint import CheckpointError, save_checkpoint
+from surgery.rewrite import AdaptedModel
+from train.config import TrainConfig
+from train.data import DataError, load_splits
+from train.encode import Collator, EpochShuffle, encode_rows
+from train.evaluate import evaluate
+from train.loss import example_losses, target_count
+from train.optim import build_optimizer, build_scheduler
+from train.report import format_history, write_metrics
+from train.schedule import Plan, step_adapters
+from train.state import (
+    clear,
+    latest_checkpoint,
+    load_trainer_state,
+    remove_leftovers,
+    restore_adapters,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+
+CHECKPOINTS = "checkpoints"
+log = logging.getLogger("train")
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the run stopped and the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """Everything one training run needs, after ``accelerator.prepare``."""
+
+    adapted: AdaptedModel
+    config: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: Any  # accelerate's wrapper around the AdamW below
+    adamw: torch.optim.AdamW
+    scheduler: LambdaLR
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    plan: Plan
+    output_dir: Path
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    loss_sum: float = 0.0  # training loss summed over the steps since the last evaluation
+    loss_steps: int = 0
+    saved_step: int | None = None  # the step of the newest checkpoint (every process)
+    last_saved: Path | None = None  # its folder (main process)
+
+    @property
+    def task(self) -> str:
+        return self.adapted.config.model.task
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.output_dir / CHECKPOINTS
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+# ---- entry point -------------------------------------------------------------------------------------------
+def train_adapters(
+    adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path, resume: bool = False
+) -> dict[str, float]:
+    """Train the adapters as ``adapted.config.train`` says, save the final checkpoint into ``output_dir`` and
+    return the final metrics (``eval_loss``, and ``eval_accuracy`` or ``eval_perplexity``, ...)."""
+    config = adapted.config.train
+    if config is None:
+        raise ValueError("the config has no `train:` section; add one to train (see README: Config keys)")
+    accelerator = make_accelerator(config)
+    check_supported(accelerator)
+    set_seed(config.seed)
+    run = build_run(adapted, tokenizer, config, accelerator, Path(output_dir), resume)
+    started = time.perf_counter()
+    train_loop(run)
+    return finish(run, time.perf_counter() - started)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False)
+    if config.mixed_precision != "no" and not accelerator.native_amp:
+        log.warning("train.mixed_precision=%s is not available on %s; training in float32",
+                    config.mixed_precision, accelerator.device)
+    return accelerator
+
+
+def check_supported(accelerator: Accelerator) -> None:
+    """Refuse the set-ups whose parameter sharding this loop cannot handle, before any work."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"accelerate is configured for {accelerator.distributed_type.value}, which shards parameters and "
+            f"optimizer state; adapter training here runs single-process or data-parallel (DDP): "
+            f"accelerate launch --multi_gpu --num_processes N (see docs/training.md)"
+        )
+
+
+# ---- set-up ------------------------------------------------------------------------------------------------
+def build_run(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig,
+              accelerator: Accelerator, output_dir: Path, resume: bool) -> Run:
+    train_loader, eval_loader = build_loaders(adapted, tokenizer, config)
+    align_pad_token(adapted, tokenizer)
+    state = resume_state(adapted, output_dir / CHECKPOINTS) if resume else None
+    if accelerator.is_main_process:
+        (remove_leftovers if resume else clear)(output_dir / CHECKPOINTS)
+    accelerator.wait_for_everyone()
+    adamw = build_optimizer(adapted, config)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(adapted.model, adamw, train_loader, eval_loader)
+    plan = Plan.from_config(config, len(train_loader))
+    scheduler = build_scheduler(adamw, config, plan.total_steps)
+    run = Run(adapted, config, accelerator, model, optimizer, adamw, scheduler, train_loader, eval_loader, plan,
+              output_dir)
+    if state is not None:
+        restore_progress(run, state)
+    return run
+
+
+def resume_state(adapted: AdaptedModel, checkpoints: Path) -> dict[str, Any]:
+    """Load the newest intact step checkpoint's adapters into ``adapted``; return its trainer state."""
+    folder = latest_checkpoint(checkpoints)
+    if folder is None:
+        raise CheckpointError(f"--resume: no intact checkpoint under {checkpoints}; run without --resume to start")
+    restore_adapters(adapted, folder)
+    state = load_trainer_state(folder)
+    log.info("resuming from %s (step %d)", folder, state["step"])
+    return state
+
+
+def build_loaders(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase,
+                  config: TrainConfig) -> tuple[DataLoader, DataLoader]:
+    """Checked, tokenized train and eval data; the train order is a seeded permutation per epoch."""
+    model_config = adapted.config.model
+    train_rows, eval_rows = load_splits(config.data, model_config.task, model_config.labels, config.seed)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise DataError("the tokenizer has neither a pad nor an eos token; set one in the model folder's tokenizer")
+    collate = Collator(pad_id)
+    train = encode_rows(train_rows, tokenizer, model_config.task, config.data.max_length)
+    held_out = encode_rows(eval_rows, tokenizer, model_config.task, config.data.max_length)
+    log.info("data: %d training and %d evaluation examples", len(train), len(held_out))
+    # The loaders get their own generators: the global RNG (dropout) then advances identically with or
+    # without a resume in the middle of an epoch.
+    train_loader = DataLoader(train, batch_size=config.batch_size, sampler=EpochShuffle(len(train), config.seed),
+                              collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
+    eval_loader = DataLoader(held_out, batch_size=config.eval_batch_size or config.batch_size, shuffle=False,
+                             collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
+    return train_loader, eval_loader
+
+
+def align_pad_token(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Decoder classifiers find each sequence's last token through ``config.pad_token_id``: give it the
+    tokenizer's when the model has none (logged, never silent)."""
+    model_config = adapted.model.config
+    if adapted.config.model.task == "seq-cls" and getattr(model_config, "pad_token_id", None) is None:
+        model_config.pad_token_id = tokenizer.pad_token_id
+        log.info("model.config.pad_token_id was unset; using the tokenizer's (%d)", tokenizer.pad_token_id)
+
+
+def restore_progress(run: Run, state: dict[str, Any]) -> None:
+    """Optimizer, schedule, RNG and counters of a step checkpoint (its adapters are already loaded)."""
+    checkpoints, plan = run.checkpoints, run.plan
+    if state["steps_per_epoch"] != plan.steps_per_epoch:
+        raise CheckpointError(
+            f"--resume: the checkpoint in {checkpoints} ran {state['steps_per_epoch']} steps per epoch, this config "
+            f"{plan.steps_per_epoch}; the data, batch_size, grad_accum or process count changed. Restore them or "
+            f"start a new run"
+        )
+    if state["total_steps"] != plan.total_steps:
+        log.warning("--resume: total steps changed from %d to %d; the learning-rate schedule follows the new length",
+                    state["total_steps"], plan.total_steps)
+    try:
+        run.adamw.load_state_dict(state["optimizer"])
+    except ValueError as error:
+        raise CheckpointError(f"--resume: the optimizer state in {checkpoints} does not fit this run ({error}); "
+                              f"did weight_decay or LoRA+ settings change? Restore them or start a new run") from None
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.step, run.saved_step, run.history = state["step"], state["step"], list(state["history"])
+    run.loss_sum, run.loss_steps = state["loss_sum"], state["loss_steps"]
+    set_rng_state(state["rng"])
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+def train_loop(run: Run) -> None:
+    if run.step == 0 and run.config.eval_before_training:
+        record_evaluation(run)
+    run.model.train()
+    bar = tqdm(total=run.plan.total_steps, initial=run.step, desc="train", unit="step",
+               disable=not run.is_main or None)
+    while run.step < run.plan.total_steps:
+        for micro_batches in chunked(epoch_batches(run), run.plan.grad_accum):
+            loss = optimizer_step(run, micro_batches)
+            after_step(run, loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if run.step >= run.plan.total_steps:
+                break
+        end_of_epoch(run)
+    bar.close()
+
+
+def epoch_batches(run: Run) -> Iterable[dict[str, torch.Tensor]]:
+    """The current epoch's micro-batches, skipping those consumed before a resume."""
+    skip = run.plan.batches_done_in_epoch(run.step)
+    loader = run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    loader.set_epoch(run.plan.epoch_of(run.step))
+    return loader
+
+
+def chunked(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for batch in batches:
+        chunk.append(batch)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+    """One optimizer step over ``micro_batches``; returns the step's mean loss per target (all processes)."""
+    accelerator, task = run.accelerator, run.task
+    count = accelerator.reduce(sum(target_count(b, task) for b in micro_batches), "sum").clamp(min=1)
+    scale = accelerator.num_processes / count  # DDP averages over processes; undo that, divide by all targets
+    total = torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with nullcontext() if last else accelerator.no_sync(run.model):
+            loss_sum = example_losses(run.model, batch, task, run.config.label_smoothing).loss.sum()
+            accelerator.backward(loss_sum * scale)
+        total += loss_sum.detach()
+    step_loss = (accelerator.reduce(total, "sum") / count).item()
+    if not math.isfinite(step_loss):
+        raise non_finite(run, step_loss)
+    if run.config.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(trained_parameters(run), run.config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def trained_parameters(run: Run) -> list[torch.nn.Parameter]:
+    return [p for group in run.adamw.param_groups for p in group["params"]]
+
+
+def non_finite(run: Run, value: float) -> NonFiniteLossError:
+    kept = f"the last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint was saved yet"
+    return NonFiniteLossError(
+        f"step {run.step + 1}: the training loss is {value}; training stopped before the update and {kept}. Lower "
+        f"train.lr, set train.max_grad_norm or check the data, then continue with --resume"
+    )
+
+
+def after_step(run: Run, loss: float) -> None:
+    run.step += 1
+    run.loss_sum += loss
+    run.loss_steps += 1
+    fired = step_adapters(run.adapted.layers, run.adamw, run.plan.progress(run.step))
+    if fired:
+        log_switch(run, fired)
+    if run.step % run.config.log_every == 0 and run.is_main:
+        group = run.adamw.param_groups[0]
+        log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g", run.step, run.plan.total_steps,
+                 run.step / run.plan.steps_per_epoch, loss, group["lr"] / group["lr_scale"])
+    if run.config.save_every is not None and run.step % run.config.save_every == 0:
+        save(run)
+
+
+def log_switch(run: Run, fired: dict[str, int]) -> None:
+    if not run.is_main:
+        return
+    name = next(iter(fired))
+    log.info("step %d: schedule hook fired in %d adapter layer(s) (%s: %s); optimizer state of %d parameter(s) "
+             "reset, learning-rate schedule unchanged", run.step, len(fired), name,
+             run.adapted.layers[name].extra_repr(), sum(fired.values()))
+
+
+def end_of_epoch(run: Run) -> None:
+    if not run.plan.epoch_ends(run.step):
+        return
+    record_evaluation(run)
+    if run.config.save_every is None and run.step < run.plan.total_steps:
+        save(run)
+
+
+def record_evaluation(run: Run) -> dict[str, float]:
+    metrics = evaluate(run.accelerator, run.model, run.eval_loader, run.task)
+    train_loss = run.loss_sum / run.loss_steps if run.loss_steps else None
+    row = {"epoch": round(run.step / run.plan.steps_per_epoch, 4), "step": run.step, "train_loss": train_loss, **metrics}
+    run.history.append(row)
+    run.loss_sum, run.loss_steps = 0.0, 0
+    if run.is_main:
+        log.info("eval at step %d: %s", run.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+# ---- saving ------------------------------------------------------------------------------------------------
+def trainer_state(run: Run) -> dict[str, Any]:
+    return {
+        "step": run.step,
+        "steps_per_epoch": run.plan.steps_per_epoch,
+        "total_steps": run.plan.total_steps,
+        "optimizer": run.adamw.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rng_state(),
+        "history": run.history,
+        "loss_sum": run.loss_sum,
+        "loss_steps": run.loss_steps,
+    }
+
+
+def save(run: Run) -> None:
+    """A step checkpoint, written by the main process while the others wait."""
+    if run.is_main:
+        run.last_saved = save_training_checkpoint(run.adapted, run.checkpoints, run.step, trainer_state(run),
+                                                  run.config.keep_checkpoints)
+        log.info("checkpoint saved: %s", run.last_saved)
+    run.saved_step = run.step
+    run.accelerator.wait_for_everyone()
+
+
+def finish(run: Run, seconds: float) -> dict[str, float]:
+    """Save the last step checkpoint and the final adapter checkpoint, write metrics.json, print the summary."""
+    if run.saved_step != run.step:
+        save(run)
+    run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)  # drop accelerate's autocast forward
+    final = {k: v for k, v in run.history[-1].items() if k not in ("epoch", "step") and v is not None}
+    metrics = {**final, "steps": run.step, "epochs": round(run.plan.epochs, 4), "train_runtime_s": round(seconds, 2)}
+    if run.history[0]["step"] == 0:
+        metrics.update({f"initial_{k}": v for k, v in run.history[0].items() if k.startswith("eval_")})
+    if run.is_main:
+        save_checkpoint(run.adapted, run.output_dir, extra={"training": {"steps": run.step, "metrics": metrics}})
+        write_metrics(run.output_dir, metrics, run.history)
+        log.info("training summary\n%s", format_history(run.history))
+    run.accelerator.wait_for_everyone()
+    return metrics
