@@ -168,17 +168,18 @@ def peak_rss_bytes() -> int:
 
 @dataclass
 class ChildRun:
-    """A finished child process: exit status, wall time, peak RSS (its own, from wait4) and its stdout."""
+    """A finished child process: exit status, wall time, CPU time and peak RSS (its own, from wait4), output."""
 
     returncode: int
     wall_s: float
+    cpu_s: float  # user + system
     peak_rss_bytes: int
     stdout: str
     stderr: str
 
 
 def run_child(command: Sequence[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> ChildRun:
-    """Run ``command`` and measure it from outside: wall time and the child's own ru_maxrss via wait4.
+    """Run ``command`` and measure it from outside: wall time, and the child's own CPU time and ru_maxrss via wait4.
 
     wait4 reports the peak RSS of exactly this child (RUSAGE_CHILDREN would give the maximum over every child
     this process ever waited for). Output goes to temporary files so a full pipe cannot stall the child.
@@ -193,7 +194,8 @@ def run_child(command: Sequence[str], cwd: Path | None = None, env: dict[str, st
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return ChildRun(process.returncode, wall_s, usage.ru_maxrss * 1024, out.read().decode(), err.read().decode())
+        return ChildRun(process.returncode, wall_s, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024,
+                        out.read().decode(), err.read().decode())
 
 
 def python_command(module: str, *args: str) -> list[str]:

@@ -122,8 +122,11 @@ class OptimumBackend:
         optimum_task = self.optimum_task(model, task)
         if optimum_task is None:
             raise ExportError(self.unsupported(model, task) or "")
-        with quiet_export():
-            onnx_export_from_model(model, output=folder, task=optimum_task, opset=opset, do_validation=False)
+        try:
+            with quiet_export():
+                onnx_export_from_model(model, output=folder, task=optimum_task, opset=opset, do_validation=False)
+        except Exception as error:  # tracing raises many types; re-raised with the model and the first line
+            raise export_failure("optimum-onnx", model, error) from error
         path = folder / MODEL_FILE
         if not path.is_file():
             raise ExportError(f"optimum-onnx wrote no {MODEL_FILE} into {folder} "
@@ -180,15 +183,64 @@ class TorchOnnxBackend:
         with tempfile.TemporaryDirectory(dir=folder, prefix=".torch_onnx.") as scratch:
             traced = Path(scratch) / MODEL_FILE
             try:
-                with torch.no_grad(), quiet_export():
+                with torch.no_grad(), quiet_export(), traceable_masks():
                     torch.onnx.export(wrapper, example, str(traced), input_names=names, output_names=[output],
                                       dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
-            except Exception as error:  # torch raises many types here; re-raised with the model named
-                raise ExportError(f"torch.onnx.export failed for {type(model).__name__} "
-                                  f"({model_type(model)}): {type(error).__name__}: {error}") from error
+            except Exception as error:  # tracing raises many types; re-raised with the model and the first line
+                raise export_failure("torch.onnx.export", model, error) from error
             save_single_file(traced, folder / MODEL_FILE)
         save_configs(model, folder)
         return ExportedGraph(folder, folder / MODEL_FILE, self.name, task, False, opset)
+
+
+@contextmanager
+def traceable_masks() -> Iterator[None]:
+    """transformers >= 4.53 builds attention masks with ``torch.vmap``, which the TorchScript tracer cannot record;
+    while tracing, the sdpa and eager mask builders are replaced by the same masks built by broadcasting (what
+    optimum's model patcher does for its own exports)."""
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:  # older transformers build masks without vmap
+        yield
+        return
+    originals = {name: ALL_MASK_ATTENTION_FUNCTIONS[name] for name in ("sdpa", "eager")}
+    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", broadcast_sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("eager", broadcast_eager_mask)
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, function)
+
+
+def broadcast_sdpa_mask(batch_size: int, cache_position: torch.Tensor, kv_length: int, kv_offset: int = 0,
+                        mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
+                        local_size: int | None = None, allow_is_causal_skip: bool = True,
+                        **kwargs: object) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask`` with the mask function applied to broadcast index tensors instead of vmap:
+    a boolean (batch, 1, q, kv) mask, True where attention is allowed; None where ``is_causal`` suffices."""
+    from transformers import masking_utils as mu
+
+    mask_function = mask_function or mu.causal_mask_function
+    q_length = cache_position.shape[0]
+    padding_mask = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
+    if allow_is_causal_skip and mu._ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, kv_offset, local_size):
+        return None
+    if padding_mask is not None:
+        mask_function = mu.and_masks(mask_function, mu.padding_mask_function(padding_mask))
+    device = cache_position.device
+    batch = torch.arange(batch_size, device=device)[:, None, None, None]
+    head = torch.arange(1, device=device)[None, :, None, None]
+    kv = torch.arange(kv_length, device=device)[None, None, None, :] + kv_offset
+    mask = mask_function(batch, head, cache_position[None, None, :, None], kv)
+    return mask.expand(batch_size, -1, q_length, kv_length)
+
+
+def broadcast_eager_mask(*args: object, dtype: torch.dtype = torch.float32, **kwargs: object) -> torch.Tensor:
+    """transformers' ``eager_mask``: the sdpa mask as 0 (attend) / dtype's minimum (masked)."""
+    kwargs.pop("allow_is_causal_skip", None)
+    mask = broadcast_sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+    return torch.where(mask, torch.tensor(0.0, device=mask.device, dtype=dtype), torch.finfo(dtype).min)
 
 
 def trace_inputs(model: nn.Module, names: list[str]) -> tuple[torch.Tensor, ...]:
@@ -205,6 +257,16 @@ def save_configs(model: nn.Module, folder: Path) -> None:
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
         generation.save_pretrained(folder)
+
+
+def export_failure(exporter: str, model: nn.Module, error: Exception, limit: int = 1200) -> ExportError:
+    """An ExportError naming the model, with the first line of the exporter's error (the tracer's names the module
+    scope and source line of the node it could not convert; the rest is a dump of the whole graph)."""
+    first_line = str(error).strip().split("\n", 1)[0]
+    if len(first_line) > limit:
+        first_line = first_line[:limit] + " ..."
+    return ExportError(f"{exporter} failed for {type(model).__name__} ({model_type(model)}): "
+                       f"{type(error).__name__}: {first_line}")
 
 
 # ---- external data ------------------------------------------------------------------------------------------------

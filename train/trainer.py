@@ -109,8 +109,11 @@ def train_adapters(
     set_seed(config.seed)
     run = build_run(adapted, tokenizer, config, accelerator, Path(output_dir), resume)
     started = time.perf_counter()
-    train_loop(run)
-    return finish(run, time.perf_counter() - started)
+    try:
+        train_loop(run)
+        return finish(run, time.perf_counter() - started)
+    finally:
+        drop_autocast_wrapper(adapted.model)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -356,11 +359,18 @@ def save(run: Run) -> None:
     run.accelerator.wait_for_everyone()
 
 
+def drop_autocast_wrapper(model: torch.nn.Module) -> None:
+    """Give the model back its own ``forward`` (accelerate's mixed-precision prepare wraps it in autocast and keeps
+    the original; its ``unwrap_model`` would also strip transformers' own forward decorators)."""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        model.forward = original
+
+
 def finish(run: Run, seconds: float) -> dict[str, float]:
     """Save the last step checkpoint and the final adapter checkpoint, write metrics.json, print the summary."""
     if run.saved_step != run.step:
         save(run)
-    run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)  # drop accelerate's autocast forward
     final = {k: v for k, v in run.history[-1].items() if k not in ("epoch", "step") and v is not None}
     metrics = {**final, "steps": run.step, "epochs": round(run.plan.epochs, 4), "train_runtime_s": round(seconds, 2)}
     if run.history[0]["step"] == 0:

@@ -3,10 +3,12 @@ with a word tokenizer, adapters of any registered method randomised to non-trivi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from surgery.checkpoint import save_checkpoint
@@ -78,3 +80,13 @@ def onnx_logits(path: Path, batch: int = 2, seq: int = 7, seed: int = 5) -> np.n
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = onnx_feed(session, sample_inputs(128, batch, seq, seed))
     return session.run(None, feed)[0]
+
+
+@pytest.fixture(scope="module", autouse=False)
+def single_torch_thread() -> Iterator[None]:
+    """PyTorch on one thread for the module: the tiny models gain nothing from two, and on a busy 2-core machine
+    two spinning OpenMP threads make every export 3x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

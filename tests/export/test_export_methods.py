@@ -17,8 +17,16 @@ from export.onnx import export_checkpoint
 from surgery.config import ModelConfig
 from surgery.model import load_model
 from surgery.tolerances import LAYER, MODEL
-from tests.export.checkpoints import make_checkpoint, onnx_logits, save_lively_base, task_of
+from tests.export.checkpoints import (  # noqa: F401  (single_torch_thread: a fixture)
+    make_checkpoint,
+    onnx_logits,
+    save_lively_base,
+    single_torch_thread,
+    task_of,
+)
 from tests.method_configs import registered_methods, small_method
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 ARCHS = ("bert", "gpt2", "llama")
 BOOKKEEPING_OPS = {"Identity", "Constant"}  # constant sharing and split sizes: no arithmetic
@@ -96,11 +104,14 @@ def test_proda_graph_adds_exactly_the_fused_residual_per_layer(arch: str, export
     assert all("fused" in layer["residual"] for layer in report["layers"])
 
 
+# R = 8 (the small test setting) on BERT's and GPT-2's layers; R = 4 on Llama, whose v_proj is only 32 -> 16 wide
+R_LODA_CASES = [("bert", {}), ("gpt2", {}), ("llama", {"approx_rank": 4})]
+
+
 @pytest.mark.parametrize("method", ["r_loda", "r_loda_plus"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_r_loda_deploys_fewer_macs_than_the_base(method: str, arch: str, exported) -> None:
-    # R = 4 keeps R (d_in + d_out) + the adapter below d_in d_out even on Llama's 32 -> 16 v_proj
-    report = exported(method, arch, approx_rank=4)
+@pytest.mark.parametrize("arch, keys", R_LODA_CASES, ids=[arch for arch, _ in R_LODA_CASES])
+def test_r_loda_deploys_fewer_macs_than_the_base(method: str, arch: str, keys: dict, exported) -> None:
+    report = exported(method, arch, **keys)
     assert report["passed"]
     assert report["macs_per_token"] < report["base_macs_per_token"]
 
@@ -117,8 +128,9 @@ def test_s_loda_2_4_keeps_the_sparse_weight_for_tensorrt(bases, tmp_path: Path) 
 
 @pytest.mark.parametrize("method", registered_methods())
 def test_unfolded_export_verifies(method: str, bases, tmp_path: Path) -> None:
-    ckpt = make_checkpoint(bases["gpt2"][0], method, tmp_path / "ckpt", "gpt2")
+    """The adapter graph as trained (no --merge), on BERT; test_cli covers a decoder's."""
+    ckpt = make_checkpoint(bases["bert"][0], method, tmp_path / "ckpt", "bert")
     report = export_checkpoint(ckpt, tmp_path / "onnx", merge=False, latency=False, fp16_check=False, log=quiet)
-    assert report["passed"] and report["parity"]["greedy_match"] is True
+    assert report["passed"]
     assert not any(layer["folded"] or layer["fold_error"] is not None for layer in report["layers"])
     assert report["macs_per_token"] > report["base_macs_per_token"] or method.startswith(("r_", "s_"))

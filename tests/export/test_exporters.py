@@ -29,8 +29,11 @@ from export.exporters import (
 )
 from export.verify import verify_export
 from surgery.tolerances import MODEL
+from tests.export.checkpoints import single_torch_thread  # noqa: F401  (fixture)
 from tests.export.tiny_exports import bert_encoder, lively_gpt2
 from tests.tiny_models import ARCHITECTURES, random_ids, tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 TOL = MODEL[torch.float32]
 
@@ -98,10 +101,11 @@ def test_seq_cls_folder_loads_in_ort_sequence_classification(tmp_path: Path) -> 
 
     model = tiny_model("bert")
     export_model(model, tmp_path, log=quiet)
-    ids = random_ids(2, 6)
-    ort_logits = ORTModelForSequenceClassification.from_pretrained(tmp_path)(input_ids=ids).logits
+    inputs = {"input_ids": random_ids(2, 6)}
+    inputs.update(attention_mask=torch.ones_like(inputs["input_ids"]), token_type_ids=torch.zeros_like(inputs["input_ids"]))
+    ort_logits = ORTModelForSequenceClassification.from_pretrained(tmp_path)(**inputs).logits
     with torch.no_grad():
-        torch.testing.assert_close(ort_logits, model(input_ids=ids).logits, atol=TOL.atol, rtol=TOL.rtol)
+        torch.testing.assert_close(ort_logits, model(**inputs).logits, atol=TOL.atol, rtol=TOL.rtol)
 
 
 def test_feature_extraction_folder_loads_in_ort_feature_extraction(tmp_path: Path) -> None:
@@ -110,10 +114,11 @@ def test_feature_extraction_folder_loads_in_ort_feature_extraction(tmp_path: Pat
     model = bert_encoder()
     graph = export_model(model, tmp_path, log=quiet)
     assert graph.task == "feature-extraction" and graph.backend == "optimum"
-    ids = random_ids(3, 5)
-    hidden = ORTModelForFeatureExtraction.from_pretrained(tmp_path)(input_ids=ids).last_hidden_state
+    inputs = {"input_ids": random_ids(3, 5)}
+    inputs.update(attention_mask=torch.ones_like(inputs["input_ids"]), token_type_ids=torch.zeros_like(inputs["input_ids"]))
+    hidden = ORTModelForFeatureExtraction.from_pretrained(tmp_path)(**inputs).last_hidden_state
     with torch.no_grad():
-        expected = model(input_ids=ids).last_hidden_state
+        expected = model(**inputs).last_hidden_state
     torch.testing.assert_close(hidden, expected, atol=TOL.atol, rtol=TOL.rtol)
     assert verify_export(graph, model, TOL).passed
 

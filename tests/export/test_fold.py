@@ -13,9 +13,11 @@ from surgery.methods.base import Fold
 from surgery.methods.lora import LoRALayer
 from surgery.rewrite import adapter_layers
 from surgery.tolerances import LAYER, MODEL
-from tests.export.checkpoints import adapted_model
+from tests.export.checkpoints import adapted_model, single_torch_thread  # noqa: F401  (fixture)
 from tests.method_configs import registered_methods
 from tests.tiny_models import random_ids, save_tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 TARGETS = ["query", "value"]
 

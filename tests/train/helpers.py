@@ -2,7 +2,7 @@
 
 The tasks (seeded, no downloads):
 - seq-cls ``sentiment``: six filler words with ``good`` or ``bad`` at a random position; the label says which.
-- causal-lm ``counting``: runs of consecutive words ``w3 w4 w5 ...`` (wrapping at the end), so each token
+- causal-lm ``counting``: runs of 6 to 14 consecutive words ``w3 w4 w5 ...`` (wrapping at the end), so each token
   predicts the next; a random model is at ~ln(vocab) per token, a trained one far below.
 """
 
@@ -67,11 +67,12 @@ def sentiment_rows(n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def counting_rows(n: int, seed: int, length: int = 12) -> list[dict[str, Any]]:
+def counting_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Runs of 6 to 14 consecutive words: batches hold different token counts (tests the loss normalisation)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        start = rng.randrange(len(WORDS))
+        start, length = rng.randrange(len(WORDS)), rng.randint(6, 14)
         rows.append({"text": " ".join(WORDS[(start + i) % len(WORDS)] for i in range(length))})
     return rows
 
