@@ -10,8 +10,9 @@ torch.onnx; check onnxruntime against the unfolded PyTorch model (and greedy dec
 latency against the base model exported the same way; check TensorRT readiness and an fp16 variant; write
 ``export_report.json`` and ``EXPORT_REPORT.md`` into the output folder.
 
-Exit status: 0 when every check passed; 1 when a check failed (fold, parity, greedy decoding, fp16 variant,
-``--max-overhead``), with the report written; 2 when the inputs cannot be used (checkpoint, base model, options).
+Exit status: 0 when every check passed; 1 when a check failed: parity, greedy decoding, the fp16 variant or
+``--max-overhead`` (the report is written, with the error), or a layer's fold beyond tolerance (nothing is exported);
+2 when the inputs cannot be used (checkpoint, base model, options, an architecture the chosen backend cannot export).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.exporters import BACKEND_CHOICES, CAUSAL_LM, ExportedGraph, ExportError, export_model, save_single_file
+from export.exporters import BACKEND_CHOICES, ExportedGraph, ExportError, export_model, save_single_file
 from export.fold import FoldError, LayerFold, fold_model, model_macs, tensor_sharing_copy, unfolded_layers
 from export.report import summary, write_report
 from export.verify import Parity, onnx_feed, sample_inputs, session, torch_feed, verify_export
 from surgery.checkpoint import CheckpointError, load_checkpoint
 from surgery.config import ConfigError
-from surgery.model import ModelLoadError, load_model, load_tokenizer
+from surgery.model import ModelLoadError, load_model, load_tokenizer, resolve_model_path
 from surgery.rewrite import AdaptedModel
 from surgery.targets import TargetError
 from surgery.tolerances import MODEL, Tolerance
@@ -45,6 +46,8 @@ DEFAULT_OPSET = 18  # optimum-onnx's default for these architectures; TensorRT 1
 MIN_OPSET = 17  # LayerNormalization as one op
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 FP16_DIR = "fp16"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 LATENCY_BATCH, LATENCY_MAX_SEQUENCE = 1, 128
 USER_ERRORS = (CheckpointError, ModelLoadError, ConfigError, TargetError, ExportError, FileNotFoundError, ValueError)
 
@@ -102,7 +105,7 @@ def export_checkpoint(
     parity = verify_export(graph, reference, tolerance)
     report["parity"] = parity.as_dict()
     if not parity.passed:
-        fail(report, out, parity.failure() or "parity failed", log)
+        fail(report, out, parity.failure() or "parity failed")
     if latency:
         step("measuring latency", "against the base model exported the same way")
         report["latency"] = measure(graph, adapted, reference, deployed, dtype, base_onnx, max_overhead)
@@ -110,7 +113,7 @@ def export_checkpoint(
     report["tensorrt"] = tensorrt_section(graph, reference, layers, dtype, fp16_check, parity, report["errors"])
     overhead_error(report, max_overhead)
     if report["errors"]:
-        fail(report, out, "; ".join(report["errors"]), log)
+        fail(report, out, "; ".join(report["errors"]))
     report["passed"] = True
     write_report(report, out)
     step.done(out)
@@ -188,10 +191,15 @@ def clear_previous_export(out: Path) -> None:
 
 
 def save_tokenizer(adapted: AdaptedModel, out: Path, log: Log) -> None:
+    """The base model's tokenizer into ``out``; a warning (not an error) when the base model has none."""
+    source = Path(resolve_model_path(adapted.config.model.name_or_path))
+    if source.is_dir() and not any((source / name).is_file() for name in TOKENIZER_FILES):
+        log(f"warning: {source} has no tokenizer files; save one into {out} before running the export")
+        return
     try:
         load_tokenizer(adapted.config.model).save_pretrained(out)
     except ModelLoadError as error:
-        log(f"warning: no tokenizer saved ({error}); export.run needs one in {out}")
+        log(f"warning: no tokenizer saved ({error}); save one into {out} before running the export")
 
 
 def to_fp16_in_place(graph: ExportedGraph) -> None:
@@ -305,10 +313,11 @@ def base_report(ckpt: Path, adapted: AdaptedModel, graph: ExportedGraph, merge: 
 
 
 def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import onnx
     import onnxruntime
     import transformers
-    from importlib.metadata import PackageNotFoundError, version
 
     found = {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
              "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
@@ -320,7 +329,8 @@ def versions() -> dict[str, str]:
     return found
 
 
-def fail(report: dict[str, Any], out: Path, message: str, log: Log) -> None:
+def fail(report: dict[str, Any], out: Path, message: str) -> None:
+    """Write the report as failed and raise ExportFailed."""
     if message not in report["errors"]:
         report["errors"].append(message)
     report["passed"] = False
@@ -340,7 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "others the folded weight plus their residual path; without it the unfolded adapter "
                              "graph is exported")
     parser.add_argument("--out", type=Path, help="output folder (default CKPT/onnx, or CKPT/onnx_unfolded without "
-                                                 "--merge)")
+                                                 "--merge); an earlier export's graphs and reports there are replaced")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset, >= {MIN_OPSET} (default {DEFAULT_OPSET})")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32",

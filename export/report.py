@@ -103,7 +103,8 @@ def _tensorrt(trt: dict[str, Any] | None) -> str:
     lines = ["## TensorRT readiness", "",
              f"Ready: {'yes' if trt['ready'] else 'no'}; opset {trt['graph_opset']} "
              f"({'ok' if trt['opset_ok'] else 'too old'}); ops outside TensorRT's ONNX parser: "
-             f"{', '.join(trt['unsupported_ops']) or 'none'}; 2:4 sparse weights: {'yes' if trt['sparse_2_4'] else 'no'}."]
+             f"{', '.join(trt['unsupported_ops']) or 'none'}; 2:4 sparse weights: "
+             f"{'yes (--sparsity=enable)' if trt['sparse_2_4'] else 'no'}."]
     lines += [f"- {problem}" for problem in trt.get("problems", [])]
     fp16 = trt.get("fp16")
     if fp16:
@@ -112,7 +113,8 @@ def _tensorrt(trt: dict[str, Any] | None) -> str:
                      f"PyTorch model (tolerance atol {parity['tolerance']['atol']:g}, rtol "
                      f"{parity['tolerance']['rtol']:g}): {'passed' if parity['passed'] else 'FAILED'}.")
     lines += ["", "Dynamic axes and suggested profile (min / opt / max):", ""]
-    lines += [f"- `{name}`: {shapes['min']} / {shapes['opt']} / {shapes['max']}" for name, shapes in trt["profile"].items()]
+    lines += [f"- `{name}`: {shapes['min']} / {shapes['opt']} / {shapes['max']}"
+              for name, shapes in trt["profile"].items()]
     lines += ["", "```sh", trt["trtexec"], "```"]
     return "\n".join(lines)
 

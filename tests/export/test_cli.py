@@ -21,7 +21,7 @@ from surgery.tolerances import MODEL
 from tests.export.checkpoints import make_checkpoint, save_lively_base, single_torch_thread  # noqa: F401
 from tests.export.test_exporters import unknown_encoder
 from tests.export.tiny_exports import word_tokenizer
-from tests.tiny_models import random_ids
+from tests.tiny_models import random_ids, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -209,3 +209,11 @@ def test_bad_options_exit_2(argv: list[str], message: str, ckpts, capsys) -> Non
 def test_missing_checkpoint_exits_2(tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path / "nowhere"), "--merge"]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_a_base_without_tokenizer_exports_with_a_warning(tmp_path: Path, capsys) -> None:
+    base = save_tiny_model("bert", tmp_path / "base")
+    ckpt = make_checkpoint(base, "cla", tmp_path / "ckpt", "bert")
+    assert main([str(ckpt), "--merge", *FAST]) == 0
+    assert f"warning: {base} has no tokenizer files" in capsys.readouterr().out
+    assert (ckpt / "onnx" / "model.onnx").is_file() and not (ckpt / "onnx" / "tokenizer.json").exists()

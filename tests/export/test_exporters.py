@@ -42,6 +42,11 @@ def quiet(_: str) -> None:
     pass
 
 
+def encoder_inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    ids = random_ids(batch, seq)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
 def unknown_encoder() -> torch.nn.Module:
     """A seq-cls model type optimum-onnx has no ONNX config for."""
     torch.manual_seed(0)
@@ -101,8 +106,7 @@ def test_seq_cls_folder_loads_in_ort_sequence_classification(tmp_path: Path) -> 
 
     model = tiny_model("bert")
     export_model(model, tmp_path, log=quiet)
-    inputs = {"input_ids": random_ids(2, 6)}
-    inputs.update(attention_mask=torch.ones_like(inputs["input_ids"]), token_type_ids=torch.zeros_like(inputs["input_ids"]))
+    inputs = encoder_inputs(2, 6)
     ort_logits = ORTModelForSequenceClassification.from_pretrained(tmp_path)(**inputs).logits
     with torch.no_grad():
         torch.testing.assert_close(ort_logits, model(**inputs).logits, atol=TOL.atol, rtol=TOL.rtol)
@@ -114,8 +118,7 @@ def test_feature_extraction_folder_loads_in_ort_feature_extraction(tmp_path: Pat
     model = bert_encoder()
     graph = export_model(model, tmp_path, log=quiet)
     assert graph.task == "feature-extraction" and graph.backend == "optimum"
-    inputs = {"input_ids": random_ids(3, 5)}
-    inputs.update(attention_mask=torch.ones_like(inputs["input_ids"]), token_type_ids=torch.zeros_like(inputs["input_ids"]))
+    inputs = encoder_inputs(3, 5)
     hidden = ORTModelForFeatureExtraction.from_pretrained(tmp_path)(**inputs).last_hidden_state
     with torch.no_grad():
         expected = model(**inputs).last_hidden_state
