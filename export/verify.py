@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from export.latency import session_options as latency_session_options
 from export.exporters import CAUSAL_LM, FEATURES, ExportedGraph, output_name
 from surgery.tolerances import Tolerance
 
@@ -162,12 +163,8 @@ def main_output(reference: nn.Module, inputs: dict[str, torch.Tensor], task: str
 
 
 def session_options() -> ort.SessionOptions:
-    """No spin-waiting of idle onnxruntime threads: verification alternates onnxruntime and PyTorch calls, and
-    spinning threads would starve PyTorch's (10x slower on 2 cores)."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return options
+    """Latency's options (no spin-waiting: verification alternates onnxruntime and PyTorch calls)."""
+    return latency_session_options(torch.get_num_threads())
 
 
 def session(path: Path) -> ort.InferenceSession:

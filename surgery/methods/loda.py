@@ -48,7 +48,8 @@ def leaky(h: torch.Tensor) -> torch.Tensor:
 
 def plain_layer_norm(h: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the last dimension without affine parameters; a constant row maps to 0, never NaN."""
-    return F.layer_norm(h, h.shape[-1:], eps=LN_EPS)
+    # int(): the ONNX tracer would otherwise record the width as a dynamic value and fail to export it
+    return F.layer_norm(h, (int(h.shape[-1]),), eps=LN_EPS)
 
 
 def apply_f2(h: torch.Tensor, kind: F2Kind) -> torch.Tensor:

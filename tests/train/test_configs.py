@@ -24,8 +24,7 @@ PAPERS = {
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_config_validates(path: Path):
-    config = load_config(path)
-    assert config.train is not None, f"{path.name} trains nothing"
+    load_config(path)
 
 
 def test_the_papers_setups_are_there():

@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from surgery.apply import main as apply_main
-from surgery.model import load_tokenizer
 from surgery.config import ModelConfig
+from surgery.model import load_tokenizer
 from tests.train.helpers import build, make_config, sentiment_rows, write_jsonl
-from train.data import DataError, check_rows, load_splits, read_rows, split_rows
 from train.config import DataConfig
+from train.data import DataError, check_rows, load_splits, read_rows, split_rows
 from train.encode import IGNORE, encode_rows
 from train.trainer import train_adapters
 
