@@ -27,20 +27,15 @@ Example = dict[str, Any]
 
 def encode_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int) -> list[Example]:
     """Token ids and labels for every row, truncated to ``max_length`` tokens."""
-    if task == "seq-cls":
-        return _encode_seq_cls(rows.records, tokenizer, max_length)
-    examples = [_causal_lm_example(r, tokenizer, max_length) for r in rows.records]
-    empty = sum(1 for e in examples if all(label == IGNORE for label in e["labels"][1:]))
-    if empty:
-        log.warning("%s: %d of %d rows keep no target token after truncation to max_length=%d; raise "
-                    "train.data.max_length or shorten the prompts", rows.source, empty, len(rows), max_length)
-    return examples
-
-
-def _encode_seq_cls(records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Example]:
+    encode_chunk = _seq_cls_chunk if task == "seq-cls" else _causal_lm_chunk
     examples: list[Example] = []
-    for start in range(0, len(records), CHUNK):
-        examples += _seq_cls_chunk(records[start:start + CHUNK], tokenizer, max_length)
+    for start in range(0, len(rows), CHUNK):
+        examples += encode_chunk(rows.records[start:start + CHUNK], tokenizer, max_length)
+    if task == "causal-lm":
+        empty = sum(1 for e in examples if all(label == IGNORE for label in e["labels"][1:]))
+        if empty:
+            log.warning("%s: %d of %d rows keep no target token after truncation to max_length=%d; raise "
+                        "train.data.max_length or shorten the prompts", rows.source, empty, len(rows), max_length)
     return examples
 
 
@@ -59,17 +54,27 @@ def _seq_cls_chunk(records: list[dict[str, Any]], tokenizer: PreTrainedTokenizer
     return examples  # type: ignore[return-value]
 
 
-def _causal_lm_example(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Example:
+def _causal_lm_chunk(records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
+                     max_length: int) -> list[Example]:
+    """``text`` rows: every token (plus EOS) is a target. ``prompt`` + ``completion`` rows: the prompt (with the
+    tokenizer's special tokens) is masked, the completion (without them, plus EOS) is the target."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if record.get("prompt") is not None:
-        prompt = tokenizer(record["prompt"], verbose=False)["input_ids"]
-        completion = tokenizer(record["completion"], add_special_tokens=False, verbose=False)["input_ids"] + eos
-        ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
-    else:
-        ids = tokenizer(record["text"], verbose=False)["input_ids"]
-        ids = ids + eos if eos and ids[-1:] != eos else ids
-        labels = list(ids)
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    prompted = [i for i, r in enumerate(records) if r.get("prompt") is not None]
+    heads = tokenizer([r["prompt"] if r.get("prompt") is not None else r["text"] for r in records],
+                      verbose=False)["input_ids"]
+    tails = tokenizer([records[i]["completion"] for i in prompted], add_special_tokens=False,
+                      verbose=False)["input_ids"] if prompted else []
+    completion = dict(zip(prompted, tails))
+    examples = []
+    for i, head in enumerate(heads):
+        if i in completion:
+            target = completion[i] + eos
+            ids, labels = head + target, [IGNORE] * len(head) + target
+        else:
+            ids = head + eos if eos and head[-1:] != eos else head
+            labels = list(ids)
+        examples.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+    return examples
 
 
 @dataclass(frozen=True)

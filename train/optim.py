@@ -31,9 +31,9 @@ def param_groups(adapted: AdaptedModel, lr: float, weight_decay: float) -> list[
         if id(param) in seen:
             continue
         seen.add(id(param))
-        decay = weight_decay if param.ndim >= 2 else 0.0
+        scale, decay = scales[name], (weight_decay if param.ndim >= 2 else 0.0)
         group = groups.setdefault(
-            (scales[name], decay), {"params": [], "lr": lr * scales[name], "weight_decay": decay, "lr_scale": scales[name]}
+            (scale, decay), {"params": [], "lr": lr * scale, "weight_decay": decay, "lr_scale": scale}
         )
         group["params"].append(param)
     if not groups:

@@ -10,6 +10,7 @@ never unpickled, and its SHA-256 is pinned in the checkpoint's manifest.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import shutil
@@ -70,6 +71,7 @@ def save_training_checkpoint(adapted: AdaptedModel, root: Path, step: int, train
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.", suffix=".tmp"))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the step folder gets the usual permissions
     try:
         torch.save(trainer_state, tmp / STATE_FILE)
         save_checkpoint(adapted, tmp, extra={"step": step, "trainer_state": {STATE_FILE: file_hash(tmp / STATE_FILE)}})
@@ -79,6 +81,12 @@ def save_training_checkpoint(adapted: AdaptedModel, root: Path, step: int, train
             shutil.rmtree(tmp)
     prune(root, keep)
     return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _move_into_place(tmp: Path, folder: Path) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from surgery.checkpoint import CheckpointError, save_checkpoint
+from surgery.methods import AdapterLayer
 from surgery.rewrite import AdaptedModel
 from train.config import TrainConfig
 from train.data import DataError, load_splits
@@ -54,6 +55,12 @@ from train.state import (
 
 CHECKPOINTS = "checkpoints"
 log = logging.getLogger("train")
+
+
+def info(message: str, *args: Any) -> None:
+    """Log on the main process only (every process runs the same loop)."""
+    if PartialState().is_main_process:
+        log.info(message, *args)
 
 
 class NonFiniteLossError(ValueError):
@@ -81,6 +88,10 @@ class Run:
     loss_steps: int = 0
     saved_step: int | None = None  # the step of the newest checkpoint (every process)
     last_saved: Path | None = None  # its folder (main process)
+    layers: dict[str, AdapterLayer] = field(init=False)  # looked up once, not per step
+
+    def __post_init__(self) -> None:
+        self.layers = self.adapted.layers
 
     @property
     def task(self) -> str:
@@ -161,7 +172,7 @@ def resume_state(adapted: AdaptedModel, checkpoints: Path) -> dict[str, Any]:
         raise CheckpointError(f"--resume: no intact checkpoint under {checkpoints}; run without --resume to start")
     restore_adapters(adapted, folder)
     state = load_trainer_state(folder)
-    log.info("resuming from %s (step %d)", folder, state["step"])
+    info("resuming from %s (step %d)", folder, state["step"])
     return state
 
 
@@ -176,7 +187,7 @@ def build_loaders(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase,
     collate = Collator(pad_id)
     train = encode_rows(train_rows, tokenizer, model_config.task, config.data.max_length)
     held_out = encode_rows(eval_rows, tokenizer, model_config.task, config.data.max_length)
-    log.info("data: %d training and %d evaluation examples", len(train), len(held_out))
+    info("data: %d training and %d evaluation examples", len(train), len(held_out))
     # The loaders get their own generators: the global RNG (dropout) then advances identically with or
     # without a resume in the middle of an epoch.
     train_loader = DataLoader(train, batch_size=config.batch_size, sampler=EpochShuffle(len(train), config.seed),
@@ -192,7 +203,7 @@ def align_pad_token(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase) -
     model_config = adapted.model.config
     if adapted.config.model.task == "seq-cls" and getattr(model_config, "pad_token_id", None) is None:
         model_config.pad_token_id = tokenizer.pad_token_id
-        log.info("model.config.pad_token_id was unset; using the tokenizer's (%d)", tokenizer.pad_token_id)
+        info("model.config.pad_token_id was unset; using the tokenizer's (%d)", tokenizer.pad_token_id)
 
 
 def restore_progress(run: Run, state: dict[str, Any]) -> None:
@@ -295,24 +306,22 @@ def after_step(run: Run, loss: float) -> None:
     run.step += 1
     run.loss_sum += loss
     run.loss_steps += 1
-    fired = step_adapters(run.adapted.layers, run.adamw, run.plan.progress(run.step))
+    fired = step_adapters(run.layers, run.adamw, run.plan.progress(run.step))
     if fired:
         log_switch(run, fired)
-    if run.step % run.config.log_every == 0 and run.is_main:
+    if run.step % run.config.log_every == 0:
         group = run.adamw.param_groups[0]
-        log.info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g", run.step, run.plan.total_steps,
-                 run.step / run.plan.steps_per_epoch, loss, group["lr"] / group["lr_scale"])
+        info("step %d/%d  epoch %.2f  loss %.4f  lr %.3g", run.step, run.plan.total_steps,
+             run.step / run.plan.steps_per_epoch, loss, group["lr"] / group["lr_scale"])
     if run.config.save_every is not None and run.step % run.config.save_every == 0:
         save(run)
 
 
 def log_switch(run: Run, fired: dict[str, int]) -> None:
-    if not run.is_main:
-        return
     name = next(iter(fired))
-    log.info("step %d: schedule hook fired in %d adapter layer(s) (%s: %s); optimizer state of %d parameter(s) "
-             "reset, learning-rate schedule unchanged", run.step, len(fired), name,
-             run.adapted.layers[name].extra_repr(), sum(fired.values()))
+    info("step %d: schedule hook fired in %d adapter layer(s) (%s: %s); optimizer state of %d parameter(s) "
+         "reset, learning-rate schedule unchanged", run.step, len(fired), name, run.layers[name].extra_repr(),
+         sum(fired.values()))
 
 
 def end_of_epoch(run: Run) -> None:
@@ -323,15 +332,14 @@ def end_of_epoch(run: Run) -> None:
         save(run)
 
 
-def record_evaluation(run: Run) -> dict[str, float]:
+def record_evaluation(run: Run) -> None:
     metrics = evaluate(run.accelerator, run.model, run.eval_loader, run.task)
     train_loss = run.loss_sum / run.loss_steps if run.loss_steps else None
-    row = {"epoch": round(run.step / run.plan.steps_per_epoch, 4), "step": run.step, "train_loss": train_loss, **metrics}
+    epoch = round(run.step / run.plan.steps_per_epoch, 4)
+    row = {"epoch": epoch, "step": run.step, "train_loss": train_loss, **metrics}
     run.history.append(row)
     run.loss_sum, run.loss_steps = 0.0, 0
-    if run.is_main:
-        log.info("eval at step %d: %s", run.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return metrics
+    info("eval at step %d: %s", run.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 # ---- saving ------------------------------------------------------------------------------------------------
@@ -354,7 +362,7 @@ def save(run: Run) -> None:
     if run.is_main:
         run.last_saved = save_training_checkpoint(run.adapted, run.checkpoints, run.step, trainer_state(run),
                                                   run.config.keep_checkpoints)
-        log.info("checkpoint saved: %s", run.last_saved)
+        info("checkpoint saved: %s", run.last_saved)
     run.saved_step = run.step
     run.accelerator.wait_for_everyone()
 
@@ -378,6 +386,6 @@ def finish(run: Run, seconds: float) -> dict[str, float]:
     if run.is_main:
         save_checkpoint(run.adapted, run.output_dir, extra={"training": {"steps": run.step, "metrics": metrics}})
         write_metrics(run.output_dir, metrics, run.history)
-        log.info("training summary\n%s", format_history(run.history))
+        info("training summary\n%s", format_history(run.history))
     run.accelerator.wait_for_everyone()
     return metrics

@@ -54,7 +54,7 @@ def test_surgery_keeps_output_at_init(arch: str, method: str) -> None:
 @pytest.mark.parametrize("method", registered_methods())
 def test_surgery_keeps_minilm_output_at_init(method: str) -> None:
     config = parse_config({"model": {"name_or_path": str(minilm_path()), "task": "seq-cls"},
-                           "targets": "all-linear", "method": small_method(method)})
+                           "targets": ["query", "value", "intermediate.dense"], "method": small_method(method)})
     model = load_model(config.model)
     ids = random_ids(2, 9, vocab=30000)
     with torch.no_grad():
