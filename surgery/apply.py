@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from accelerate.utils import set_seed
+
 from surgery.checkpoint import CheckpointError, save_checkpoint
 from surgery.config import ConfigError, SurgeryConfig, load_config
 from surgery.model import ModelLoadError, load_model, load_tokenizer
@@ -44,6 +46,7 @@ def plan(config: SurgeryConfig, dry_run: bool) -> AdaptedModel:
 def run(args: argparse.Namespace) -> int:
     overrides = {"output_dir": str(args.output_dir)} if args.output_dir else None
     config = load_config(args.config, overrides=overrides)
+    set_seed(config.train.seed if config.train else 0)  # adapter and head initialisation repeat run to run
     adapted = plan(config, dry_run=args.dry_run)
     report = build_report(adapted)
     print(format_table(report))

@@ -74,9 +74,9 @@ def save_checkpoint(adapted: AdaptedModel, folder: str | Path, extra: dict[str, 
     """Write the checkpoint files atomically (each to a temporary file, then renamed; the manifest last)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / ADAPTER_FILE, lambda tmp: save_file(checkpoint_tensors(adapted), tmp,
+    atomic_write(folder / ADAPTER_FILE, lambda tmp: save_file(checkpoint_tensors(adapted), tmp,
                                                                  metadata={"format": str(FORMAT_VERSION)}))
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(dump_config(adapted.config)))
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(dump_config(adapted.config)))
     manifest = {
         "format": FORMAT_VERSION,
         "method": adapted.config.method.name,
@@ -87,15 +87,17 @@ def save_checkpoint(adapted: AdaptedModel, folder: str | Path, extra: dict[str, 
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         **(extra or {}),
     }
-    _atomic_write(folder / MANIFEST_FILE, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
+    atomic_write(folder / MANIFEST_FILE, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
     return folder
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path`` (readable by all)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -162,13 +164,13 @@ def load_checkpoint(folder: str | Path, model_path: str | None = None) -> Adapte
     except ConfigError as error:
         raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from None
     adapted = apply_surgery(load_model(config.model), config)
-    _check_base(adapted, manifest, folder)
+    check_base(adapted, manifest, folder)
     restore_tensors(adapted, read_tensors(folder), folder)
-    _check_derived(adapted, manifest, folder)
+    check_derived(adapted, manifest, folder)
     return adapted
 
 
-def _check_base(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:
+def check_base(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:
     if adapted.base_fingerprint != manifest["base_fingerprint"]:
         raise CheckpointError(
             f"{folder}: saved against a different base model than {adapted.config.model.name_or_path!r} "
@@ -177,7 +179,7 @@ def _check_base(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -
         )
 
 
-def _check_derived(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:
+def check_derived(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:
     now = derived_hashes(adapted)
     for key, expected in manifest.get("derived_hashes", {}).items():
         if now.get(key) != expected:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoint import _atomic_write
+from surgery.checkpoint import atomic_write
 
 METRICS_FILE = "metrics.json"
 
@@ -34,5 +34,5 @@ def write_metrics(output_dir: Path, metrics: dict[str, float], history: list[dic
     """``metrics.json``: the final figures at the top level and every evaluation under ``history``; atomic."""
     path = output_dir / METRICS_FILE
     payload: dict[str, Any] = {**metrics, "history": history}
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
     return path

@@ -23,8 +23,8 @@ import torch
 
 from surgery.checkpoint import (
     CheckpointError,
-    _check_base,
-    _check_derived,
+    check_base,
+    check_derived,
     file_hash,
     read_manifest,
     read_tensors,
@@ -155,9 +155,9 @@ def check_folder(folder: Path) -> dict[str, Any]:
 def restore_adapters(adapted: AdaptedModel, folder: Path) -> None:
     """Load a step folder's adapter tensors into a model built from the untouched base (c3LA replays its links)."""
     manifest = check_folder(folder)
-    _check_base(adapted, manifest, folder)
+    check_base(adapted, manifest, folder)
     restore_tensors(adapted, read_tensors(folder), folder)
-    _check_derived(adapted, manifest, folder)
+    check_derived(adapted, manifest, folder)
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
