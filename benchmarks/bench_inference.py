@@ -4,7 +4,7 @@
     python -m benchmarks.bench_inference --model minilm       # one model
     python -m benchmarks.bench_inference --methods lora,proda --rounds 20
     python -m benchmarks.bench_inference --threads 1 --clock cpu   # steadier on a busy machine
-    python -m benchmarks.bench_inference --quick              # lora and r_loda on MiniLM, 3 rounds, results/tmp/
+    python -m benchmarks.bench_inference --quick              # lora and r_loda on MiniLM, few rounds, results/tmp/
 
 For each model the base model is exported once (``export.exporters.export_model``, the backend and opset a folded
 export gets). For each method a checkpoint with random adapters (std 0.02: non-trivial, outputs stay sane) is folded,
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import nn
 
@@ -66,6 +67,9 @@ INPUT_SEED = 99  # the tokens export.onnx's own latency measurement uses
 QUICK_METHODS = ("lora", "r_loda")
 FULLY_FOLDED = ("lora", "pera", "cla", "c3la")  # the issue's <= 1.02 targets
 FOLDED_LIMIT, PRODA_LIMIT, R_LODA_LIMIT = 1.02, 1.10, 0.8
+CONTROL = "A/A control"  # the base export against itself
+ORT_ROUNDS = (5, 20, 60.0)  # default rounds of the ORT pair: as many as fit 60 s, within [5, 20]
+TORCH_ROUNDS = (3, 10, 20.0)  # the PyTorch pair (no target on it): 20 s, within [3, 10]
 PROVIDER = {"cpu": "cpu", "cuda": "cuda"}  # --device -> export.latency provider (cuda needs onnxruntime-gpu)
 
 
@@ -158,32 +162,98 @@ def export_method(model_config: ModelConfig, settings: dict[str, Any], base: Exp
     return Exported(folder / "onnx" / report["files"]["model"], report, export_s, adapted.model, folded)
 
 
-def time_batch(exported: Exported, sessions: dict[str, Any], vocab: int, batch: int,
-               args: argparse.Namespace) -> Timings:
-    """onnxruntime (export vs base), then PyTorch (unfolded vs folded), each pair round-robin on one (batch, SEQ)
-    input; the pairs run apart so the ratio the targets judge alternates its two graphs closely."""
-    export_session, base_session = sessions["export"], sessions["base"]
-    feed = onnx_feed(export_session, sample_inputs(vocab, batch, SEQ, seed=INPUT_SEED))  # empty cache: prefill
-    export_feed, base_feed = declared_feed(export_session, feed), declared_feed(base_session, feed)
-    torch_inputs = {k: v.to(args.device) for k, v in torch_feed(feed).items()}
-    unfolded, folded = exported.unfolded.to(args.device), exported.folded.to(args.device)
-    sync = synchronizer(args.device)
-    ort_timings = interleaved({"ort": lambda: export_session.run(None, export_feed),
-                               "base_ort": lambda: base_session.run(None, base_feed)},
-                              args.rounds, args.warmup, clock=args.clock)
-    with torch.inference_mode():
-        torch_timings = interleaved({"torch_unfolded": lambda: unfolded(**torch_inputs),
-                                     "torch_folded": lambda: folded(**torch_inputs)},
-                                    args.torch_rounds, args.warmup, sync, args.clock)
-    return Timings({**ort_timings.samples_ms, **torch_timings.samples_ms})
+# ---- timing ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rounds:
+    """How many timed rounds a pair gets: ``fixed``, or as many as fit ``budget_s`` within [low, high] (the
+    warm-up's time per round decides; GPT-2's batch-8 prefill takes seconds a call, MiniLM's milliseconds)."""
+
+    fixed: int | None
+    low: int
+    high: int
+    budget_s: float
+
+    def count(self, seconds_per_round: float) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        return max(self.low, min(self.high, int(self.budget_s / max(seconds_per_round, 1e-9))))
 
 
-def ort_sessions(exported: Exported, base_file: Path, args: argparse.Namespace) -> dict[str, Any]:
+def timed(candidates: dict[str, Callable[[], object]], rounds: Rounds, warmup: int, clock: str,
+          sync: Callable[[], None] = lambda: None) -> Timings:
+    """Warm every candidate up (timed, to size the rounds), then run them round-robin (common.interleaved) for a
+    multiple of the number of candidates, so that each goes first equally often."""
+    warmup = max(warmup, 1)
+    start = time.perf_counter()
+    for run in candidates.values():
+        for _ in range(warmup):
+            run()
+    sync()
+    count = rounds.count((time.perf_counter() - start) / warmup)
+    count = -(-count // len(candidates)) * len(candidates)  # each candidate goes first equally often
+    return interleaved(candidates, count, warmup=0, sync=sync, clock=clock)
+
+
+def ort_sessions(files: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
     """The sessions export.latency builds: ORT_ENABLE_ALL, no spin-waiting, PyTorch's intra-op thread count."""
     provider = PROVIDER[args.device.split(":")[0]]
     options = session_options(torch.get_num_threads())
-    return {"export": ort_session(exported.graph_file, provider, options),
-            "base": ort_session(base_file, provider, options)}
+    return {name: ort_session(path, provider, options) for name, path in files.items()}
+
+
+def prefill_feed(session: Any, vocab: int, batch: int) -> dict[str, Any]:
+    """(batch, SEQ) tokens, all attended; for a decoder with a KV cache, the prefill (empty past)."""
+    return onnx_feed(session, sample_inputs(vocab, batch, SEQ, seed=INPUT_SEED))
+
+
+def time_ort(sessions: dict[str, Any], feed: dict[str, Any], args: argparse.Namespace) -> Timings:
+    """The sessions round-robin on one feed, each given the inputs it declares."""
+    feeds = {name: declared_feed(session, feed) for name, session in sessions.items()}
+    candidates = {name: (lambda s=session, f=feeds[name]: s.run(None, f)) for name, session in sessions.items()}
+    return timed(candidates, args.ort_rounds, args.warmup, args.clock)
+
+
+def time_torch(exported: Exported, feed: dict[str, Any], args: argparse.Namespace) -> Timings:
+    """The unfolded and the folded PyTorch model round-robin, eager, under inference_mode."""
+    inputs = {k: v.to(args.device) for k, v in torch_feed(feed).items()}
+    unfolded, folded = exported.unfolded.to(args.device), exported.folded.to(args.device)
+    with torch.inference_mode():
+        return timed({"torch_unfolded": lambda: unfolded(**inputs), "torch_folded": lambda: folded(**inputs)},
+                     args.torch_rounds, args.warmup, args.clock, synchronizer(args.device))
+
+
+def measure_control(model: BenchModel, base_file: Path, vocab: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """A/A control: the base export against a second session on the same file. Its ratio is what the machine's
+    noise alone makes of two identical graphs, the resolution of every export / base ratio below."""
+    sessions = ort_sessions({"ort": base_file, "base_ort": base_file}, args)
+    rows = []
+    for batch in args.batches:
+        timings = time_ort(sessions, prefill_feed(sessions["ort"], vocab, batch), args)
+        rows.append({"model": model.name, "method": CONTROL, "settings": "second session on the base export",
+                     "batch": batch, "seq": SEQ, **ort_columns(timings), "macs_ratio": 1.0, "same_graph": True})
+        print(f"  {model.name} / {CONTROL} batch {batch}: {rows[-1]['overhead']:.3f} "
+              f"({len(timings.samples_ms['ort'])} rounds)", flush=True)
+    return rows
+
+
+def ort_columns(timings: Timings) -> dict[str, Any]:
+    return {
+        "ort_ms": timings.median("ort"),
+        "base_ort_ms": timings.median("base_ort"),
+        "overhead": timings.ratio("ort", "base_ort"),
+        "overhead_of_medians": timings.median("ort") / timings.median("base_ort"),
+        "ort_spread": timings.spread("ort"),
+        "base_ort_spread": timings.spread("base_ort"),
+        "ort_rounds": len(timings.samples_ms["ort"]),
+        "ort_samples_ms": timings.samples_ms,
+    }
+
+
+def graph_signature(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """The graph's operator sequence and its initializers' shapes and types (no weight values)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = sorted((tuple(t.dims) + (t.data_type,)) for t in graph.initializer)
+    return tuple(node.op_type for node in graph.node), tuple(initializers)
 
 
 def measure_method(model: BenchModel, model_config: ModelConfig, method: str, base: ExportedGraph, vocab: int,
@@ -197,14 +267,18 @@ def measure_method(model: BenchModel, model_config: ModelConfig, method: str, ba
     except (ExportFailed, FoldError) as error:
         print(f"  {model.name} / {method}: FAILED: {error}", flush=True)
         return [{"model": model.name, "method": method, "settings": settings_text(settings), "error": str(error)}]
+    same_graph = graph_signature(exported.graph_file) == graph_signature(base.model_file)
+    sessions = ort_sessions({"ort": exported.graph_file, "base_ort": base.model_file}, args)
     rows = []
-    sessions = ort_sessions(exported, base.model_file, args)
     for batch in args.batches:
-        timings = time_batch(exported, sessions, vocab, batch, args)
-        rows.append(result_row(model, method, settings, batch, timings, exported))
-        print(f"  {model.name} / {method} batch {batch}: ORT {rows[-1]['ort_ms']:.2f} ms, base "
-              f"{rows[-1]['base_ort_ms']:.2f} ms, overhead {rows[-1]['overhead']:.3f}; torch unfolded "
-              f"{rows[-1]['torch_unfolded_ms']:.2f} ms, folded {rows[-1]['torch_folded_ms']:.2f} ms", flush=True)
+        feed = prefill_feed(sessions["ort"], vocab, batch)
+        ort_timings, torch_timings = time_ort(sessions, feed, args), time_torch(exported, feed, args)
+        row = result_row(model, method, settings, batch, ort_timings, torch_timings, exported, same_graph)
+        rows.append(row)
+        print(f"  {model.name} / {method} batch {batch}: ORT {row['ort_ms']:.2f} ms, base {row['base_ort_ms']:.2f} "
+              f"ms, overhead {row['overhead']:.3f} ({row['ort_rounds']} rounds); torch unfolded "
+              f"{row['torch_unfolded_ms']:.2f} ms, folded {row['torch_folded_ms']:.2f} ms "
+              f"({row['torch_rounds']} rounds)", flush=True)
     del exported, sessions
     gc.collect()
     shutil.rmtree(folder, ignore_errors=True)  # GPT-2 exports are 0.5 GB each
@@ -215,8 +289,8 @@ def settings_text(settings: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items() if k != "name")
 
 
-def result_row(model: BenchModel, method: str, settings: dict[str, Any], batch: int, timings: Timings,
-               exported: Exported) -> dict[str, Any]:
+def result_row(model: BenchModel, method: str, settings: dict[str, Any], batch: int, ort_timings: Timings,
+               torch_timings: Timings, exported: Exported, same_graph: bool) -> dict[str, Any]:
     report, parity = exported.report, exported.report["parity"]
     layers = report["layers"]
     return {
@@ -225,19 +299,16 @@ def result_row(model: BenchModel, method: str, settings: dict[str, Any], batch: 
         "settings": settings_text(settings),
         "batch": batch,
         "seq": SEQ,
-        "ort_ms": timings.median("ort"),
-        "base_ort_ms": timings.median("base_ort"),
-        "overhead": timings.ratio("ort", "base_ort"),
-        "overhead_of_medians": timings.median("ort") / timings.median("base_ort"),
-        "ort_spread": timings.spread("ort"),
-        "base_ort_spread": timings.spread("base_ort"),
-        "torch_unfolded_ms": timings.median("torch_unfolded"),
-        "torch_folded_ms": timings.median("torch_folded"),
-        "torch_folded_vs_unfolded": timings.ratio("torch_folded", "torch_unfolded"),
-        "torch_folded_vs_ort_base": timings.ratio("torch_folded", "base_ort"),
+        **ort_columns(ort_timings),
+        "torch_unfolded_ms": torch_timings.median("torch_unfolded"),
+        "torch_folded_ms": torch_timings.median("torch_folded"),
+        "torch_folded_vs_unfolded": torch_timings.ratio("torch_folded", "torch_unfolded"),
+        "torch_rounds": len(torch_timings.samples_ms["torch_folded"]),
+        "torch_samples_ms": torch_timings.samples_ms,
         "macs_per_token": report["macs_per_token"],
         "base_macs_per_token": report["base_macs_per_token"],
         "macs_ratio": report["macs_per_token"] / report["base_macs_per_token"],
+        "same_graph": same_graph,
         "adapted_layers": len(layers),
         "layers_with_residual": sum(1 for layer in layers if layer["residual"]),
         "max_abs_diff": parity["max_abs_diff"],
@@ -246,15 +317,13 @@ def result_row(model: BenchModel, method: str, settings: dict[str, Any], batch: 
         "backend": report["backend"],
         "with_past": report["with_past"],
         "export_s": exported.export_s,
-        "samples_ms": timings.samples_ms,
     }
 
 
 # ---- one model ------------------------------------------------------------------------------------
 def run_model(model: BenchModel, args: argparse.Namespace) -> int:
     """Measure every method on ``model``, write ``inference_MODEL.*``; returns the number of failed methods."""
-    print(f"bench_inference {model.name}: {len(args.methods)} methods, batch {args.batches} x {SEQ}, "
-          f"{args.rounds} rounds", flush=True)
+    print(f"bench_inference {model.name}: {len(args.methods)} methods, batch {args.batches} x {SEQ}", flush=True)
     machine = machine_info(args.device)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix=f"bench_inference_{model.name}_") as folder:
@@ -262,6 +331,7 @@ def run_model(model: BenchModel, args: argparse.Namespace) -> int:
         model_config = base_model_config(model, scratch)
         base = export_base(model_config, scratch / "base_onnx")
         vocab = int(load_model(model_config, meta=True).config.vocab_size)
+        rows += measure_control(model, base.model_file, vocab, args)
         for method in args.methods:
             rows += measure_method(model, model_config, method, base, vocab, scratch, args)
     report(model, machine, rows, args)
@@ -272,7 +342,7 @@ def targets_of(model: BenchModel, rows: list[dict[str, Any]]) -> list[Target]:
     """The issue's inference targets on the rows measured (a failed method has no row to judge)."""
     out = []
     for row in rows:
-        if "error" in row:
+        if "error" in row or row["method"] == CONTROL:
             continue
         label = f"{model.name} batch {row['batch']}: {row['method']} folded export / base export latency"
         if row["method"] in FULLY_FOLDED:
@@ -292,9 +362,12 @@ COLUMNS = [
     Column("base_ort_ms", "ORT base ms", "{:.2f}"),
     Column("overhead", "export / base", "{:.3f}"),
     Column("ort_spread", "IQR/median (export)", "{:.2f}"),
+    Column("ort_rounds", "rounds", "{}"),
+    Column("same_graph", "graph = base's", "{}"),
     Column("torch_unfolded_ms", "torch unfolded ms", "{:.2f}"),
     Column("torch_folded_ms", "torch folded ms", "{:.2f}"),
     Column("torch_folded_vs_unfolded", "torch folded / unfolded", "{:.3f}"),
+    Column("torch_rounds", "torch rounds", "{}"),
     Column("macs_ratio", "MACs / base", "{:.3f}"),
     Column("layers_with_residual", "layers with residual", "{}"),
     Column("max_abs_diff", "parity max abs diff", "{:.2g}"),
@@ -304,7 +377,14 @@ COLUMNS = [
 
 
 def notes_of(model: BenchModel, rows: list[dict[str, Any]]) -> list[str]:
+    control = {row["batch"]: row["overhead"] for row in rows if row["method"] == CONTROL}
     notes = [
+        f"{CONTROL}: the base export timed against a second session on the same file ("
+        + ", ".join(f"batch {b}: {v:.3f}" for b, v in control.items()) + "); how far from 1.000 it lands is the "
+        "resolution of the export / base ratios in this run. A ratio within that distance of a limit is not a "
+        "verdict either way",
+        "graph = base's: the folded export has the base export's operators in the same order and initializers of "
+        "the same shapes and types (only weight values differ); there, any export / base ratio away from 1 is noise",
         f"model: {model.description}; adapters on all-linear, std {ADAPTER_STD} random weights, r={RANK}",
         "export / base: median over rounds of the within-round ratio (overhead_of_medians in the JSON is the ratio of "
         "the medians, export.latency's definition); IQR/median shows the export's noise",
@@ -324,12 +404,19 @@ def notes_of(model: BenchModel, rows: list[dict[str, Any]]) -> list[str]:
 def report(model: BenchModel, machine: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     name = f"inference_{model.name}"
     settings = {"model": model.description, "targets": "all-linear", "rank": RANK, "seq": SEQ,
-                "batches": list(args.batches), "rounds": args.rounds, "warmup": args.warmup, "clock": args.clock,
+                "batches": list(args.batches), "ort_rounds": rounds_text(args.ort_rounds),
+                "torch_rounds": rounds_text(args.torch_rounds), "warmup": args.warmup, "clock": args.clock,
                 "threads": torch.get_num_threads(), "provider": PROVIDER[args.device.split(":")[0]]}
     write_results(name, f"Inference: folded export vs base export, every method ({model.name})", machine, settings,
                   rows, COLUMNS, targets_of(model, rows), notes_of(model, rows), results_dir=args.out_dir)
     print((args.out_dir / f"{name}.md").read_text(), flush=True)
     plot(model, rows, machine, args.out_dir / f"{name}.png")
+
+
+def rounds_text(rounds: Rounds) -> str:
+    if rounds.fixed is not None:
+        return str(rounds.fixed)
+    return f"as many as fit {rounds.budget_s:g} s, within [{rounds.low}, {rounds.high}]"
 
 
 def plot(model: BenchModel, rows: list[dict[str, Any]], machine: dict[str, Any], path: Path) -> None:
@@ -341,6 +428,7 @@ def plot(model: BenchModel, rows: list[dict[str, Any]], machine: dict[str, Any],
     panels = {f"ORT export / base, batch {batch}": [by_key[(m, batch)]["overhead"] for m in methods]
               for batch in sorted({row["batch"] for row in timed})}
     panels["deployed MACs / base"] = [by_key[(m, timed[0]["batch"])]["macs_ratio"] for m in methods]
+    # the dashed line at 1.0 is the base; the A/A control's bar shows how far noise alone moves a ratio
     bar_plot(path, f"{model.name}, seq {SEQ}, {machine['device_name']}", methods, panels)
 
 
@@ -357,9 +445,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=lambda s: tuple(int(b) for b in s.split(",")), default=BATCHES,
                         help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {' and '.join(QUICK_METHODS)} on minilm, 3 rounds, results in tmp/")
-    parser.add_argument("--rounds", type=int, help="timed rounds per candidate (default 10, quick 3)")
-    parser.add_argument("--torch-rounds", type=int, help="timed rounds of the PyTorch pair (default: --rounds)")
+                        help=f"smoke run: {' and '.join(QUICK_METHODS)} on minilm, 3 (torch 2) rounds, results in tmp/")
+    parser.add_argument("--rounds", type=int, help="timed rounds of each onnxruntime pair (default: as many as fit "
+                        f"{ORT_ROUNDS[2]:g} s, within [{ORT_ROUNDS[0]}, {ORT_ROUNDS[1]}]; quick 3)")
+    parser.add_argument("--torch-rounds", type=int, help="timed rounds of each PyTorch pair (default: as many as fit "
+                        f"{TORCH_ROUNDS[2]:g} s, within [{TORCH_ROUNDS[0]}, {TORCH_ROUNDS[1]}]; quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed runs per candidate first (default 2, quick 1)")
     parser.add_argument("--threads", type=int, help="PyTorch and onnxruntime intra-op threads (default: torch's)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -373,8 +463,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.clock == "cpu" and args.device != "cpu":
         parser.error("--clock cpu measures host CPU time; use --clock wall with --device cuda")
     args.model = args.model or ("minilm" if args.quick else "all")
-    args.rounds = args.rounds or (3 if args.quick else 10)
-    args.torch_rounds = args.torch_rounds or args.rounds
+    args.ort_rounds = Rounds(args.rounds or (3 if args.quick else None), *ORT_ROUNDS)
+    args.torch_rounds = Rounds(args.torch_rounds or (2 if args.quick else None), *TORCH_ROUNDS)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.out_dir = args.out_dir or (RESULTS / "tmp" if args.quick else RESULTS)
     return args
