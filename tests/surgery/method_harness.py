@@ -89,3 +89,12 @@ def check_param_count(layer_cls: type[AdapterLayer], config: MethodConfig, d_in:
         assert declared == layer_cls.count_params(d_in, d_out, config)
         trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
         assert trainable == declared, "only declared adapter parameters may require grad"
+
+
+def check_all(layer_cls: type[AdapterLayer], config: MethodConfig, reference: Reference,
+              d_in: int = 24, d_out: int = 20) -> None:
+    """Forward against the reference, fold, identity at init and the parameter count, at one layer shape."""
+    check_forward(layer_cls, config, reference, d_in, d_out)
+    check_fold(layer_cls, config, d_in, d_out)
+    check_identity_at_init(layer_cls, config, d_in, d_out)
+    check_param_count(layer_cls, config, d_in, d_out)

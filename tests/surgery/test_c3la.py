@@ -13,10 +13,7 @@ from tests.surgery.method_harness import (
     INPUT_SHAPES,
     assert_close,
     base_layers,
-    check_fold,
-    check_forward,
-    check_identity_at_init,
-    check_param_count,
+    check_all,
 )
 from tests.surgery.test_cla import selector
 
@@ -52,10 +49,7 @@ def trained_layer(base: nn.Module, config: C3LAConfig, switches: int, seed: int 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=ids)
 def test_c3la_matches_dense_reference(config: C3LAConfig) -> None:
-    check_forward(C3LALayer, config, c3la_reference)
-    check_fold(C3LALayer, config)
-    check_identity_at_init(C3LALayer, config)
-    check_param_count(C3LALayer, config)
+    check_all(C3LALayer, config, c3la_reference)
 
 
 def test_registered_with_cla_defaults() -> None:

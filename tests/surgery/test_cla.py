@@ -9,10 +9,7 @@ from surgery.methods.cla import CLAConfig, CLALayer
 from tests.surgery.method_harness import (
     assert_close,
     base_layers,
-    check_fold,
-    check_forward,
-    check_identity_at_init,
-    check_param_count,
+    check_all,
     randomized,
 )
 
@@ -37,10 +34,7 @@ def cla_reference(layer: CLALayer, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"r{c.r}-{c.columns}-seed{c.seed}")
 def test_cla_matches_dense_reference(config: CLAConfig) -> None:
-    check_forward(CLALayer, config, cla_reference)
-    check_fold(CLALayer, config)
-    check_identity_at_init(CLALayer, config)
-    check_param_count(CLALayer, config)
+    check_all(CLALayer, config, cla_reference)
 
 
 def test_defaults_follow_the_paper() -> None:

@@ -9,10 +9,7 @@ from surgery.methods.loda import LoDAConfig, LoDALayer, LoDAPlusConfig, LoDAPlus
 from surgery.tolerances import layer_tolerance
 from tests.surgery.method_harness import (
     base_layers,
-    check_fold,
-    check_forward,
-    check_identity_at_init,
-    check_param_count,
+    check_all,
 )
 
 # METHODS.md and loda.txt section 3.1: LeakyReLU slope 0.8, LayerNorm without affine (eps as nn.LayerNorm's).
@@ -63,10 +60,7 @@ def loda_reference(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_loda_matches_dense_reference(config: MethodConfig) -> None:
     layer_cls = METHODS[config.name]
-    check_forward(layer_cls, config, loda_reference)
-    check_fold(layer_cls, config)
-    check_identity_at_init(layer_cls, config)
-    check_param_count(layer_cls, config)
+    check_all(layer_cls, config, loda_reference)
 
 
 def test_registry_and_param_formula() -> None:

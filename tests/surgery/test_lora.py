@@ -2,12 +2,7 @@ import pytest
 import torch
 
 from surgery.methods.lora import LoRAConfig, LoRALayer
-from tests.surgery.method_harness import (
-    check_fold,
-    check_forward,
-    check_identity_at_init,
-    check_param_count,
-)
+from tests.surgery.method_harness import check_all
 
 CONFIGS = [LoRAConfig(r=4), LoRAConfig(r=4, alpha=3.0, rslora=True), LoRAConfig(r=8, lora_plus_ratio=16)]
 
@@ -21,10 +16,7 @@ def lora_reference(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"r{c.r}-rs{c.rslora}")
 def test_lora_matches_dense_reference(config: LoRAConfig) -> None:
-    check_forward(LoRALayer, config, lora_reference)
-    check_fold(LoRALayer, config)
-    check_identity_at_init(LoRALayer, config)
-    check_param_count(LoRALayer, config)
+    check_all(LoRALayer, config, lora_reference)
 
 
 def test_lora_plus_ratio_scales_only_b() -> None:

@@ -7,10 +7,7 @@ from surgery.methods.pera import PERAConfig, PERALayer, dense_is_cheaper
 from tests.surgery.method_harness import (
     assert_close,
     base_layers,
-    check_fold,
-    check_forward,
-    check_identity_at_init,
-    check_param_count,
+    check_all,
     randomized,
 )
 
@@ -56,10 +53,7 @@ def pera_reference(layer: PERALayer, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"r{c.r}-{c.terms}-rs{c.rslora}")
 def test_pera_matches_dense_reference(config: PERAConfig) -> None:
-    check_forward(PERALayer, config, pera_reference)
-    check_fold(PERALayer, config)
-    check_identity_at_init(PERALayer, config)
-    check_param_count(PERALayer, config)
+    check_all(PERALayer, config, pera_reference)
 
 
 def test_pera_defaults() -> None:

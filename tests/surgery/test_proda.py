@@ -9,10 +9,7 @@ from surgery.methods.proda import ProDAConfig, ProDALayer, ProDAResidual
 from tests.surgery.method_harness import (
     assert_close,
     base_layers,
-    check_fold,
-    check_forward,
-    check_identity_at_init,
-    check_param_count,
+    check_all,
     randomized,
 )
 
@@ -55,10 +52,7 @@ def proda_reference(layer: ProDALayer, x: torch.Tensor, x_drop: torch.Tensor | N
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"r{c.r}-db{c.d_b}-rs{c.rslora}")
 def test_proda_matches_dense_reference(config: ProDAConfig) -> None:
-    check_forward(ProDALayer, config, proda_reference)
-    check_fold(ProDALayer, config)
-    check_identity_at_init(ProDALayer, config)
-    check_param_count(ProDALayer, config)
+    check_all(ProDALayer, config, proda_reference)
 
 
 def test_proda_defaults_follow_the_paper() -> None:

@@ -19,10 +19,7 @@ from surgery.targets import resolve_targets
 from surgery.tolerances import layer_tolerance
 from tests.surgery.method_harness import (
     base_layers,
-    check_fold,
-    check_forward,
-    check_identity_at_init,
-    check_param_count,
+    check_all,
 )
 from tests.surgery.test_loda import config_id, loda_reference
 from tests.tiny_models import tiny_model
@@ -59,10 +56,7 @@ def dense_base_reference(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_s_loda_matches_dense_reference(config: MethodConfig) -> None:
     layer_cls = METHODS[config.name]
-    check_forward(layer_cls, config, loda_reference)
-    check_fold(layer_cls, config)
-    check_identity_at_init(layer_cls, config)
-    check_param_count(layer_cls, config)
+    check_all(layer_cls, config, loda_reference)
     for kind, base in base_layers(24, 20).items():
         layer = layer_cls(base, config, layer_name="layer")
         x = torch.randn(2, 5, 24, dtype=torch.float64)
