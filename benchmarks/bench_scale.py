@@ -1,0 +1,627 @@
+"""Surgery, fold and export at scale: wall time and peak RSS of each pipeline command on a random 1.1B Llama.
+
+    python -m benchmarks.bench_scale              # TinyLlama-1.1B's shape, random float32 weights (4.4 GB)
+    python -m benchmarks.bench_scale --quick      # a ~106M Llama (0.4 GB), results in benchmarks/results/tmp/
+    python -m benchmarks.bench_scale --profile    # also profile the export's memory even when the target is met
+
+A random-initialised Llama (TinyLlama-1.1B's published shape: hidden 2048, 22 layers, 32 heads, 4 KV heads,
+intermediate 5632, vocabulary 32000, untied head; 1.1B parameters) is written as float32 safetensors shards into a
+scratch folder, and a surgery config (LoRA r=8 on all-linear, no train section: surgery and save) beside it. Then
+three fresh child processes, each measured from outside (wall time; CPU time and peak RSS from wait4, the child's
+own ru_maxrss):
+
+1. ``python -m surgery.apply CFG --dry-run --report plan.json``: the plan, config.json only;
+2. ``python -m surgery.apply CFG --report surgery.json``: load, surgery, save the checkpoint;
+3. ``python -m export.onnx CKPT --merge --no-latency --no-fp16-check``: load, fold, export (weights in
+   model.onnx_data past 2 GiB), verify (parity and greedy decoding against the unfolded model).
+
+The same three run first on a 2-layer Llama: their peak RSS is the fixed cost (interpreter, torch, transformers,
+optimum, onnxruntime), reported beside the ratio the issue asks for (peak RSS / model bytes, target <= 2.5) as the
+marginal ratio (peak - fixed) / model bytes. When the export misses the target (or with ``--profile``) a fourth
+child repeats step 3 in-process with a sampler: peak RSS per pipeline stage (VmHWM reset at each stage) and the
+Python stack at the stage's highest sampled RSS, written to ``scale_profile.*``.
+
+The head's weights are N(0, 1) (the other matrices N(0, 0.02), norms 1) so that greedy decoding over 32000 tokens
+has clear winners and verification compares real decisions, as tests/export/test_large.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import yaml
+
+from benchmarks.common import (
+    GIB,
+    MIB,
+    RESULTS,
+    ChildRun,
+    Column,
+    Target,
+    bar_plot,
+    machine_info,
+    peak_rss_bytes,
+    python_command,
+    reset_peak_rss,
+    run_child,
+    rss_bytes,
+    write_results,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+RSS_LIMIT = 2.5  # the issue: export peak RSS / model size in bytes
+SHARD_BYTES = GIB  # safetensors shards of at most this size (what a hub checkpoint of this size ships)
+DISK_FACTOR = 4.5  # model shards + ONNX external data + the exporter's transient copy, with room to spare
+MEMORY_FACTOR = 4.0  # refuse to start unless this many model sizes of RAM are available (a shared machine)
+METHOD = {"name": "lora", "r": 8}
+SAMPLE_INTERVAL_S = 0.02
+
+_LLAMA = {"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "vocab_size": 32000,
+          "max_position_embeddings": 2048, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2,
+          "pad_token_id": 0, "torch_dtype": "float32"}
+SHAPES: dict[str, dict[str, Any]] = {
+    # TinyLlama-1.1B's published config.json (1,100,048,384 parameters)
+    "llama-1.1b": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                   "num_attention_heads": 32, "num_key_value_heads": 4},
+    "llama-106m": {**_LLAMA, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
+                   "num_attention_heads": 12, "num_key_value_heads": 12},
+    "tiny-llama": {**_LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+                   "max_position_embeddings": 64},
+}
+REFERENCE = "tiny-llama"
+STEPS = ("dry-run plan", "surgery + save", "fold + export + verify")
+
+
+# ---- the model on disk ----------------------------------------------------------------------------
+def meta_llama(shape: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
+
+
+def model_bytes(shape: str) -> tuple[int, int]:
+    """(parameters, bytes in float32) of a shape, from a meta-device model."""
+    params = sum(p.numel() for p in meta_llama(shape).parameters())
+    return params, 4 * params
+
+
+def random_tensor(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Norms 1, the head N(0, 1) (greedy decoding with clear winners), every other matrix N(0, 0.02)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    std = 1.0 if name.startswith("lm_head") else 0.02
+    return torch.randn(shape, generator=generator) * std
+
+
+def write_random_llama(shape: str, folder: Path) -> Path:
+    """config.json and float32 safetensors shards (with model.safetensors.index.json), one shard in memory at
+    a time, so that this process never holds the model."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(**SHAPES[shape]).save_pretrained(folder)
+    shapes = {name: p.shape for name, p in meta_llama(shape).state_dict().items()}
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor_shape in shapes.items():
+        nbytes = 4 * tensor_shape.numel()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: random_tensor(name, shapes[name], generator) for name in names}, str(folder / file),
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(4 * s.numel() for s in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def write_config(model_dir: Path, folder: Path) -> Path:
+    """The surgery config: LoRA on all-linear, float32, no train section (surgery and save only)."""
+    config = {"model": {"name_or_path": str(model_dir), "task": "causal-lm", "dtype": "float32"},
+              "targets": "all-linear", "method": METHOD, "output_dir": str(folder / "ckpt")}
+    path = folder / "surgery.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def check_resources(shape: str, folder: Path, force: bool) -> None:
+    """Refuse to start without the disk the run writes or the RAM it may need (the machine is shared)."""
+    _, size = model_bytes(shape)
+    free = shutil.disk_usage(folder).free
+    if free < DISK_FACTOR * size:
+        raise SystemExit(f"bench_scale {shape}: {folder} has {free / GIB:.1f} GiB free, the run writes up to "
+                         f"{DISK_FACTOR * size / GIB:.1f} GiB; point --work-dir at a larger disk")
+    available = psutil.virtual_memory().available
+    if available < MEMORY_FACTOR * size and not force:
+        raise SystemExit(f"bench_scale {shape}: {available / GIB:.1f} GiB of RAM available, less than "
+                         f"{MEMORY_FACTOR:g} x the model ({MEMORY_FACTOR * size / GIB:.1f} GiB) that the export may "
+                         f"need; free memory or pass --force")
+
+
+# ---- the three commands ---------------------------------------------------------------------------
+# A child's ru_maxrss (wait4) is not its own peak on Linux: the child starts on the parent's memory map (vfork,
+# or a fork's copy) and exec folds that map's high-water mark into the rusage maxrss, so a child small next to
+# this process reports this process's peak (a `python -c pass` spawned after writing a 1 GiB shard reports over
+# 1 GiB). VmHWM belongs to the map exec gives the child, so it is the child's own: this wrapper runs the module
+# as `python -m` would and writes VmHWM (kB) to a file at exit.
+PEAK_WRAPPER = """\
+import atexit, runpy, sys
+peak_file, module = sys.argv[1], sys.argv[2]
+sys.argv = [module, *sys.argv[3:]]
+def write_peak():
+    with open('/proc/self/status') as status:
+        kb = next(line.split()[1] for line in status if line.startswith('VmHWM:'))
+    with open(peak_file, 'w') as out:
+        out.write(kb)
+atexit.register(write_peak)
+runpy.run_module(module, run_name='__main__', alter_sys=True)
+"""
+
+
+@dataclass
+class StepRun:
+    """One pipeline command, run as a fresh child: its own peak RSS (VmHWM) beside wait4's figures."""
+
+    step: str
+    command: list[str]  # as a user types it: python -m MODULE ARGS
+    child: ChildRun
+    peak_rss_bytes: int
+
+
+def commands(config: Path, folder: Path) -> dict[str, tuple[str, ...]]:
+    """Step -> (module, arguments)."""
+    return {
+        STEPS[0]: ("surgery.apply", str(config), "--dry-run", "--report", str(folder / "plan.json")),
+        STEPS[1]: ("surgery.apply", str(config), "--report", str(folder / "surgery.json")),
+        STEPS[2]: ("export.onnx", str(folder / "ckpt"), "--merge", "--no-latency", "--no-fp16-check",
+                   "--out", str(folder / "onnx")),
+    }
+
+
+def run_measured(step: str, module_args: tuple[str, ...], folder: Path) -> StepRun:
+    """``python -m MODULE ARGS`` in a fresh child through PEAK_WRAPPER; raises when it fails."""
+    peak_file = folder / f"peak_{step.replace(' ', '_').replace('+', '')}.txt"
+    command = python_command(*module_args)
+    child = run_child([sys.executable, "-c", PEAK_WRAPPER, str(peak_file), *module_args], cwd=REPO)
+    if child.returncode != 0:
+        raise RuntimeError(f"{step} failed ({child.returncode}): {' '.join(command)}\n{child.stdout[-2000:]}\n"
+                           f"{child.stderr[-3000:]}")
+    return StepRun(step, command, child, int(peak_file.read_text()) * 1024)
+
+
+def run_steps(shape: str, folder: Path) -> list[StepRun]:
+    """Write the model and the config, then the three commands one after the other, each a fresh child."""
+    print(f"  {shape}: writing random float32 weights into {folder}", flush=True)
+    model_dir = write_random_llama(shape, folder / "model")
+    config = write_config(model_dir, folder)
+    runs = []
+    for step, module_args in commands(config, folder).items():
+        run = run_measured(step, module_args, folder)
+        print(f"  {shape} / {step}: {run.child.wall_s:.1f} s wall, {run.child.cpu_s:.1f} s CPU, "
+              f"{run.peak_rss_bytes / MIB:,.0f} MiB peak RSS (wait4's ru_maxrss "
+              f"{run.child.peak_rss_bytes / MIB:,.0f} MiB)", flush=True)
+        runs.append(run)
+    return runs
+
+
+def export_files(folder: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_size for path in sorted((folder / "onnx").glob("model.onnx*"))}
+
+
+# ---- profile (a child running export_checkpoint in-process) -----------------------------------------
+# Functions the profile marks as segments of their own (looked up by name where they are called, so wrapping the
+# module attribute catches every call); everything else counts to the enclosing step of export_checkpoint's log.
+WATCHED = (
+    ("export.onnx", "load_checkpoint"), ("export.onnx", "deployable"), ("export.onnx", "export_model"),
+    ("export.onnx", "save_tokenizer"), ("export.onnx", "base_report"), ("export.onnx", "verify_export"),
+    ("export.onnx", "tensorrt_section"), ("export.verify", "check_parity"), ("export.verify", "check_greedy"),
+    ("export.verify", "ort_causal_lm"), ("export.exporters", "uses_external_data"),
+    ("optimum.exporters.onnx", "onnx_export_from_model"), ("onnx", "load"), ("onnx", "save"),
+)
+
+
+class Segments:
+    """A timeline of segments: each numbered step of export_checkpoint's log, and inside it each call of a
+    WATCHED function (nested calls nest). At every boundary VmHWM is read into the running segment and reset, so
+    each segment gets its exact peak RSS; a sampler thread adds the RSS curve and the main thread's stack at each
+    segment's highest sample."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.closed: list[dict[str, Any]] = []
+        self.step: str | None = None
+        self.calls: list[str] = []
+        self.current: dict[str, Any] | None = None
+        self.lock = threading.Lock()
+
+    def name(self) -> str:
+        return " > ".join([self.step or "before the first step", *self.calls])
+
+    def boundary(self) -> None:
+        """Close the running segment (its peak: VmHWM since the last boundary) and open the next one."""
+        with self.lock:
+            now, rss = time.perf_counter() - self.start, rss_bytes()
+            if self.current is not None:
+                self.current.update(end_s=now, peak=max(peak_rss_bytes(), self.current["sampled_peak"]),
+                                    rss_end=rss)
+                self.closed.append(self.current)
+            if not reset_peak_rss():
+                raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs); the profile needs Linux >= 4.0")
+            self.current = {"segment": self.name(), "start_s": now, "rss_start": rss, "sampled_peak": rss,
+                            "stack_at_peak": []}
+
+    def log(self, line: str) -> None:
+        """export_checkpoint's ``log``: a numbered step line starts a step."""
+        print(line, flush=True)
+        if line.startswith("["):
+            self.step = line.split("] ", 1)[1].split(":", 1)[0].split(" (")[0]
+            self.boundary()
+
+    def finish(self) -> None:
+        self.step, self.calls = "finished", []
+        self.boundary()
+        self.current = None
+
+    def watch(self, module: Any, attribute: str) -> None:
+        """Replace ``module.attribute`` by a wrapper that makes each call a segment."""
+        function = getattr(module, attribute)
+        label = attribute
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(label)
+            self.boundary()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.calls.pop()
+                self.boundary()
+
+        setattr(module, attribute, wrapper)
+
+    def sample(self, main_id: int | None) -> tuple[float, int]:
+        with self.lock:
+            now, rss = time.perf_counter() - self.start, rss_bytes()
+            segment = self.current
+            if segment is not None and rss > segment["sampled_peak"]:
+                segment["sampled_peak"] = rss
+                segment["stack_at_peak"] = main_stack(sys._current_frames().get(main_id))
+        return now, rss
+
+
+class Sampler(threading.Thread):
+    """RSS every ``interval`` seconds (the GIL permitting: a long C call that holds it delays the sample, never
+    a segment's peak, which comes from VmHWM)."""
+
+    def __init__(self, segments: Segments, interval: float = SAMPLE_INTERVAL_S) -> None:
+        super().__init__(daemon=True)
+        self.segments, self.interval = segments, interval
+        self.main_id = threading.main_thread().ident
+        self.samples: list[tuple[float, int]] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.samples.append(self.segments.sample(self.main_id))
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join()
+
+
+def main_stack(frame: Any, depth: int = 12) -> list[str]:
+    """The innermost ``depth`` frames as 'file:line function', paths shortened to the package; the profiler's
+    own wrappers left out."""
+    if frame is None:
+        return []
+    out = []
+    for entry in traceback.extract_stack(frame):
+        path = entry.filename
+        if path.endswith("bench_scale.py"):
+            continue
+        for marker in ("site-packages/", f"{REPO}/"):
+            if marker in path:
+                path = path.split(marker, 1)[1]
+        out.append(f"{path}:{entry.lineno} {entry.name}")
+    return out[-depth:]
+
+
+def profile_child(ckpt: Path, out: Path, result: Path) -> int:
+    """``--profile-child``: export_checkpoint as the CLI step runs it, profiled; the timeline into ``result``."""
+    import importlib
+
+    from export.onnx import export_checkpoint
+
+    after_imports = rss_bytes()
+    segments = Segments()
+    for module_name, attribute in WATCHED:
+        segments.watch(importlib.import_module(module_name), attribute)
+    sampler = Sampler(segments)
+    sampler.start()
+    try:
+        export_checkpoint(ckpt, out, merge=True, latency=False, fp16_check=False, log=segments.log)
+    finally:
+        segments.finish()
+        sampler.stop()
+    step = max(1, len(sampler.samples) // 3000)
+    result.write_text(json.dumps({"rss_after_imports": after_imports, "segments": segments.closed,
+                                  "samples": sampler.samples[::step]}) + "\n")
+    return 0
+
+
+def run_profile(folder: Path) -> tuple[dict[str, Any], ChildRun]:
+    result = folder / "profile.json"
+    command = python_command("benchmarks.bench_scale", "--profile-child", str(folder / "ckpt"),
+                             str(folder / "onnx_profile"), str(result))
+    child = run_child(command, cwd=REPO)
+    if child.returncode != 0:
+        raise RuntimeError(f"profile child failed ({child.returncode}):\n{child.stderr[-3000:]}")
+    shutil.rmtree(folder / "onnx_profile", ignore_errors=True)
+    return json.loads(result.read_text()), child
+
+
+# ---- results --------------------------------------------------------------------------------------
+def step_rows(shape: str, runs: list[StepRun], fixed: dict[str, int], size: int, params: int) -> list[dict]:
+    rows = []
+    for run in runs:
+        peak = run.peak_rss_bytes
+        rows.append({
+            "model": shape,
+            "method": METHOD["name"],
+            "step": run.step,
+            "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(run.command)),
+            "params": params,
+            "model_bytes": size,
+            "wall_s": run.child.wall_s,
+            "cpu_s": run.child.cpu_s,
+            "peak_rss_mib": peak / MIB,
+            "ru_maxrss_mib": run.child.peak_rss_bytes / MIB,
+            "rss_over_model": peak / size,
+            "fixed_rss_mib": fixed[run.step] / MIB,
+            "marginal_rss_over_model": (peak - fixed[run.step]) / size,
+        })
+    return rows
+
+
+def plan_check(folder: Path) -> dict[str, Any]:
+    """The dry-run plan against the real surgery's report: the same counts, or a note saying which differ."""
+    plan, real = (json.loads((folder / name).read_text()) for name in ("plan.json", "surgery.json"))
+    keys = ("base_params", "trainable_params", "adapter_params", "base_macs_per_token", "adapter_macs_per_token")
+    differing = {k: (plan[k], real[k]) for k in keys if plan[k] != real[k]}
+    return {"adapted_layers": len(real["modules"]), "plan_layers": len(plan["modules"]),
+            **{k: real[k] for k in keys}, "plan_matches_surgery": not differing and
+            len(plan["modules"]) == len(real["modules"]), "plan_differences": differing}
+
+
+COLUMNS = [
+    Column("model", "model"),
+    Column("step", "step"),
+    Column("params", "params", "{:,}"),
+    Column("wall_s", "wall s", "{:.1f}"),
+    Column("cpu_s", "CPU s", "{:.1f}"),
+    Column("peak_rss_mib", "peak RSS MiB", "{:,.0f}"),
+    Column("rss_over_model", "peak RSS / model bytes", "{:.2f}"),
+    Column("fixed_rss_mib", "fixed cost MiB (2-layer run)", "{:,.0f}"),
+    Column("marginal_rss_over_model", "(peak - fixed) / model bytes", "{:.2f}"),
+]
+PROFILE_COLUMNS = [
+    Column("segment", "segment (step > watched call)"),
+    Column("start_s", "start s", "{:.1f}"),
+    Column("seconds", "s", "{:.1f}"),
+    Column("rss_start_mib", "RSS at start MiB", "{:,.0f}"),
+    Column("peak_mib", "peak MiB (VmHWM)", "{:,.0f}"),
+    Column("peak_over_model", "peak / model bytes", "{:.2f}"),
+    Column("growth_over_model", "(peak - start) / model bytes", "{:.2f}"),
+    Column("rss_end_mib", "RSS at end MiB", "{:,.0f}"),
+    Column("where", "stack at the highest sample (innermost first)"),
+]
+MIN_SEGMENT_S, MIN_SEGMENT_GROWTH = 0.05, 16 * MIB  # shorter, flatter segments are left out of the table
+
+
+def profile_rows(profile: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    rows = []
+    for segment in profile["segments"]:
+        seconds, growth = segment["end_s"] - segment["start_s"], segment["peak"] - segment["rss_start"]
+        if seconds < MIN_SEGMENT_S and growth < MIN_SEGMENT_GROWTH:
+            continue
+        rows.append({
+            "segment": segment["segment"],
+            "start_s": segment["start_s"],
+            "seconds": seconds,
+            "rss_start_mib": segment["rss_start"] / MIB,
+            "peak_mib": segment["peak"] / MIB,
+            "peak_over_model": segment["peak"] / size,
+            "growth_over_model": growth / size,
+            "rss_end_mib": segment["rss_end"] / MIB,
+            "sampled_peak_mib": segment["sampled_peak"] / MIB,
+            "where": " <- ".join(reversed(segment["stack_at_peak"][-4:])),
+            "stack_at_peak": segment["stack_at_peak"],
+        })
+    return rows
+
+
+def step_peaks(profile: dict[str, Any]) -> dict[str, int]:
+    """Peak RSS per numbered step of export_checkpoint (the maximum over its segments)."""
+    peaks: dict[str, int] = {}
+    for segment in profile["segments"]:
+        step = segment["segment"].split(" > ", 1)[0]
+        peaks[step] = max(peaks.get(step, 0), segment["peak"])
+    return peaks
+
+
+def timeline_plot(path: Path, profile: dict[str, Any], size: int, title: str) -> None:
+    """RSS over the export's time, each step's start marked and its peak drawn, lines at 1 and RSS_LIMIT model
+    sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    times = [t for t, _ in profile["samples"]]
+    rss = [r / GIB for _, r in profile["samples"]]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    ax.plot(times, rss, color="tab:blue", linewidth=1, label="RSS (sampled)")
+    top = max(rss + [s["peak"] / GIB for s in profile["segments"]] + [RSS_LIMIT * size / GIB]) * 1.3
+    for factor, style in ((1.0, ":"), (RSS_LIMIT, "--")):
+        ax.axhline(factor * size / GIB, color="black", linestyle=style, linewidth=1)
+        ax.text(times[-1] if times else 0, factor * size / GIB, f"{factor:g} x model ", va="bottom", ha="right",
+                fontsize=8)
+    for segment in profile["segments"]:
+        ax.plot([segment["start_s"], segment["end_s"]], [segment["peak"] / GIB] * 2, color="tab:red", linewidth=2)
+    steps: dict[str, float] = {}
+    for segment in profile["segments"]:
+        steps.setdefault(segment["segment"].split(" > ", 1)[0], segment["start_s"])
+    for step, start in steps.items():
+        ax.axvline(start, color="grey", linewidth=0.5)
+        ax.text(start, top, f" {step}", rotation=90, va="top", fontsize=7)
+    ax.plot([], [], color="tab:red", linewidth=2, label="segment peak (VmHWM)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("seconds since export_checkpoint started")
+    ax.set_ylabel("GiB")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def notes_of(shape: str, plan: dict[str, Any], files: dict[str, int], export_row: dict[str, Any]) -> list[str]:
+    notes = [
+        f"model: random {shape} ({SHAPES[shape]['num_hidden_layers']} layers, hidden {SHAPES[shape]['hidden_size']},"
+        f" intermediate {SHAPES[shape]['intermediate_size']}, vocabulary {SHAPES[shape]['vocab_size']}, untied head),"
+        f" float32 safetensors shards of <= {SHARD_BYTES / GIB:g} GiB; model bytes = 4 x parameters",
+        f"surgery: {METHOD['name']} r={METHOD['r']} on all-linear ({plan['adapted_layers']} layers, "
+        f"{plan['trainable_params']:,} trainable parameters); the dry-run plan "
+        + ("matches the real surgery's report (layers, parameters, MACs)" if plan["plan_matches_surgery"]
+           else f"DIFFERS from the real surgery's report: {plan['plan_differences']}"),
+        "each step is one fresh child process (`python -m MODULE ARGS` run through a wrapper that writes its VmHWM "
+        "at exit); peak RSS is that VmHWM, the child's own. wait4's ru_maxrss (in the JSON) is not: exec folds the "
+        "parent's high-water mark into it (see PEAK_WRAPPER). Wall time includes interpreter start and imports; "
+        "CPU time is from wait4; the 2-layer Llama's run of the same step gives the fixed cost",
+        "export files: " + ", ".join(f"{name} {size / MIB:,.0f} MiB" for name, size in files.items()),
+        f"export: {export_row['wall_s']:.0f} s wall, {export_row['cpu_s']:.0f} s CPU (CPU well below wall x cores "
+        "means the child waited: a busy machine, disk)",
+    ]
+    return notes
+
+
+def report(shape: str, machine: dict[str, Any], rows: list[dict[str, Any]], plan: dict[str, Any],
+           files: dict[str, int], profile: dict[str, Any] | None, out_dir: Path, quick: bool) -> bool:
+    """Write scale.* (and scale_profile.* with a profile); returns whether the export met its target."""
+    params, size = model_bytes(shape)
+    export_row = next(r for r in rows if r["model"] == shape and r["step"] == STEPS[2])
+    targets = [Target(f"{shape}: export peak RSS / model bytes", export_row["rss_over_model"], RSS_LIMIT)]
+    settings = {"model": shape, "params": params, "model_bytes": size, "method": METHOD, "targets": "all-linear",
+                "dtype": "float32", "reference": REFERENCE, "quick": quick}
+    write_results("scale", f"Surgery, fold and export at scale ({shape}): wall time and peak RSS", machine,
+                  settings, rows, COLUMNS, targets, notes_of(shape, plan, files, export_row), results_dir=out_dir)
+    print((out_dir / "scale.md").read_text(), flush=True)
+    measured = [r for r in rows if r["model"] == shape]
+    bar_plot(out_dir / "scale.png", f"{shape} ({params / 1e9:.2f}B params, float32), {machine['device_name']}",
+             [r["step"] for r in measured], {"peak RSS / model bytes": [r["rss_over_model"] for r in measured],
+                                             "(peak - fixed) / model bytes":
+                                                 [r["marginal_rss_over_model"] for r in measured]},
+             reference=RSS_LIMIT)
+    if profile is not None:
+        stage_rows = profile_rows(profile, size)
+        peaks = step_peaks(profile)
+        notes = [*PROFILE_NOTES, "peak RSS per step: " + ", ".join(
+            f"{step} {peak / MIB:,.0f} MiB ({peak / size:.2f} x model)" for step, peak in peaks.items())]
+        write_results("scale_profile", f"Where the export's memory goes ({shape})", machine,
+                      {**settings, "sample_interval_s": SAMPLE_INTERVAL_S,
+                       "rss_after_imports_mib": round(profile["rss_after_imports"] / MIB)},
+                      stage_rows, PROFILE_COLUMNS, notes=notes, results_dir=out_dir)
+        print((out_dir / "scale_profile.md").read_text(), flush=True)
+        timeline_plot(out_dir / "scale_profile.png", profile, size,
+                      f"export_checkpoint RSS, {shape} ({size / GIB:.1f} GiB of float32 weights)")
+    return targets[0].met
+
+
+PROFILE_NOTES = [
+    "a separate child runs export.onnx.export_checkpoint (merge, no latency, no fp16 check: what the CLI step "
+    "runs); each numbered step of its log starts a segment, and so does each call of a watched function "
+    "(" + ", ".join(f"{m}.{a}" for m, a in WATCHED) + "; wrapped in the child only, nothing is edited)",
+    "peak: VmHWM, read and reset (/proc/self/clear_refs) at every segment boundary, so it is exact even where the "
+    "sampler missed the moment; the stack is the main thread's at the segment's highest RSS *sample* (every "
+    f"{SAMPLE_INTERVAL_S * 1000:.0f} ms, when the GIL lets the sampler run); segments under "
+    f"{MIN_SEGMENT_S:g} s that grew less than {MIN_SEGMENT_GROWTH / MIB:.0f} MiB are left out of the table",
+]
+
+
+# ---- command line ---------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="recorded only: the pipeline commands run on the CPU")
+    parser.add_argument("--quick", action="store_true", help="a ~106M-parameter Llama, results in tmp/")
+    parser.add_argument("--shape", choices=[s for s in SHAPES if s != REFERENCE],
+                        help="default llama-1.1b (quick: llama-106m)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                        help="profile the export's memory (default: when the export misses its target, and on "
+                             "--quick)")
+    parser.add_argument("--work-dir", type=Path, help="where the scratch folder goes (default: the system's temp)")
+    parser.add_argument("--force", action="store_true", help="start even with less RAM available than "
+                        f"{MEMORY_FACTOR:g} model sizes")
+    parser.add_argument("--out-dir", type=Path, help="default benchmarks/results (quick: benchmarks/results/tmp)")
+    parser.add_argument("--profile-child", nargs=3, type=Path, metavar=("CKPT", "OUT", "RESULT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.shape = args.shape or ("llama-106m" if args.quick else "llama-1.1b")
+    args.out_dir = args.out_dir or (RESULTS / "tmp" if args.quick else RESULTS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.profile_child:
+        return profile_child(*args.profile_child)
+    params, size = model_bytes(args.shape)
+    print(f"bench_scale: {args.shape}, {params:,} parameters, {size / GIB:.2f} GiB in float32", flush=True)
+    machine = machine_info(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_scale_", dir=args.work_dir) as scratch:
+        folder = Path(scratch)
+        check_resources(args.shape, folder, args.force)
+        reference_runs = run_steps(REFERENCE, folder / REFERENCE)
+        fixed = {run.step: run.peak_rss_bytes for run in reference_runs}
+        runs = run_steps(args.shape, folder / args.shape)
+        rows = step_rows(args.shape, runs, fixed, size, params)
+        rows += step_rows(REFERENCE, reference_runs, fixed, model_bytes(REFERENCE)[1], model_bytes(REFERENCE)[0])
+        plan = plan_check(folder / args.shape)
+        files = export_files(folder / args.shape)
+        shutil.rmtree(folder / args.shape / "onnx")  # room on disk for the profile's export
+        missed = rows[2]["rss_over_model"] > RSS_LIMIT
+        profile = None
+        if args.profile or (args.profile is None and (missed or args.quick)):
+            print(f"  {args.shape}: profiling the export's memory (a fourth child)", flush=True)
+            profile, _ = run_profile(folder / args.shape)
+    met = report(args.shape, machine, rows, plan, files, profile, args.out_dir, args.quick)
+    print(f"export peak RSS / model bytes: {rows[2]['rss_over_model']:.2f} (target <= {RSS_LIMIT:g}): "
+          f"{'met' if met else 'MISSED'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
