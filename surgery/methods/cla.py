@@ -84,7 +84,8 @@ class CLALayer(AdapterLayer):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., d_in) -> (..., d_out)
-        return self.scaling * gather_linear(self.dropout(x), self.cla_idx, self.cla_B)
+        # gather first (dropout then touches r columns, not d_in) and scale B (r d_out values, not the output)
+        return nn.functional.linear(self.dropout(x.index_select(-1, self.cla_idx)), self.scaling * self.cla_B)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"cla_B": self.cla_B}

@@ -37,7 +37,8 @@ class LoRALayer(AdapterLayer):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., d_in) -> (..., d_out)
-        return self.scaling * (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t())
+        # scaling folded into B: r d_out multiplies instead of one per output element
+        return nn.functional.linear(nn.functional.linear(self.dropout(x), self.lora_A), self.scaling * self.lora_B)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
