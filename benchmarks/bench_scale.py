@@ -21,8 +21,10 @@ marginal ratio (peak - fixed) / model bytes. When the export misses the target (
 child repeats step 3 in-process with a sampler: peak RSS per pipeline stage (VmHWM reset at each stage) and the
 Python stack at the stage's highest sampled RSS, written to ``scale_profile.*``.
 
-The head's weights are N(0, 1) (the other matrices N(0, 0.02), norms 1) so that greedy decoding over 32000 tokens
-has clear winners and verification compares real decisions, as tests/export/test_large.py does.
+Weights: norms 1, matrices N(0, 0.02^2), the head N(0, 0.05^2): logits of std ~2.3, so greedy decoding over 32000
+tokens has clear winners (the default init's near-uniform logits let float rounding flip the argmax) while staying
+small enough for verification's elementwise tolerance (atol 2e-4 + rtol 1e-3 |x|: with a N(0, 1) head, logits of
+std ~45, float32 rounding between onnxruntime and PyTorch alone reaches 6e-4 on logits near 0 and parity fails).
 """
 
 from __future__ import annotations
@@ -99,11 +101,14 @@ def model_bytes(shape: str) -> tuple[int, int]:
     return params, 4 * params
 
 
+HEAD_STD = 0.05  # logits ~N(0, (0.05 sqrt(hidden))^2): std 2.3 at hidden 2048
+
+
 def random_tensor(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    """Norms 1, the head N(0, 1) (greedy decoding with clear winners), every other matrix N(0, 0.02)."""
+    """Norms 1, the head N(0, HEAD_STD^2), every other matrix N(0, 0.02^2)."""
     if name.endswith("norm.weight"):
         return torch.ones(shape)
-    std = 1.0 if name.startswith("lm_head") else 0.02
+    std = HEAD_STD if name.startswith("lm_head") else 0.02
     return torch.randn(shape, generator=generator) * std
 
 
@@ -207,8 +212,9 @@ def run_measured(step: str, module_args: tuple[str, ...], folder: Path) -> StepR
     command = python_command(*module_args)
     child = run_child([sys.executable, "-c", PEAK_WRAPPER, str(peak_file), *module_args], cwd=REPO)
     if child.returncode != 0:
-        raise RuntimeError(f"{step} failed ({child.returncode}): {' '.join(command)}\n{child.stdout[-2000:]}\n"
-                           f"{child.stderr[-3000:]}")
+        peak = f"{int(peak_file.read_text()) / 1024:,.0f} MiB" if peak_file.is_file() else "unknown"
+        raise RuntimeError(f"{step} failed ({child.returncode}, peak RSS {peak}): {' '.join(command)}\n"
+                           f"{child.stdout[-2000:]}\n{child.stderr[-3000:]}")
     return StepRun(step, command, child, int(peak_file.read_text()) * 1024)
 
 
