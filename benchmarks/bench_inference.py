@@ -485,8 +485,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
     args = parse_args(argv)
     check_device(args.device)
+    hf_logging.set_verbosity_error()  # not the "newly initialized classifier" warning at every MiniLM load
     if args.threads:
         torch.set_num_threads(args.threads)
     models = list(MODELS.values()) if args.model == "all" else [MODELS[args.model]]
