@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,10 +47,15 @@ def plan(config: SurgeryConfig, dry_run: bool) -> AdaptedModel:
 def run(args: argparse.Namespace) -> int:
     overrides = {"output_dir": str(args.output_dir)} if args.output_dir else None
     config = load_config(args.config, overrides=overrides)
+    if config.train is not None and not args.dry_run:
+        from train.trainer import check_launch_environment
+
+        check_launch_environment()  # an unsupported accelerate set-up fails before the model loads
     set_seed(config.train.seed if config.train else 0)  # adapter and head initialisation repeat run to run
     adapted = plan(config, dry_run=args.dry_run)
     report = build_report(adapted)
-    print(format_table(report))
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, one table, not one per process
+        print(format_table(report))
     if args.report:
         write_report(report, args.report)
         print(f"plan written to {args.report}")

@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 from surgery.methods import AdapterLayer, TrainProgress
 from train.config import TrainConfig
 from train.optim import reset_optimizer_state
+from train.sharding import whole_parameters
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,19 @@ class Plan:
 
 
 def step_adapters(layers: dict[str, AdapterLayer], optimizer: Optimizer, progress: TrainProgress) -> dict[str, int]:
-    """Call every layer's ``after_optimizer_step`` and reset the optimizer state of the parameters it returns.
+    """Run the ``after_optimizer_step`` hook of every layer whose ``schedule_due`` holds, on whole tensors (gathered
+    and written back when FSDP shards them), and reset the optimizer state of the parameters it returns.
 
     Returns ``layer name -> parameters returned`` for the layers whose hook fired.
     """
+    due = {name: layer for name, layer in layers.items() if layer.schedule_due(progress)}
+    if not due:
+        return {}
     fired: dict[str, int] = {}
-    for name, layer in layers.items():
-        params = layer.after_optimizer_step(progress)
-        if params:
-            reset_optimizer_state(optimizer, params)
-            fired[name] = len(params)
+    with whole_parameters(due.values(), writeback=True) as originals:
+        for name, layer in due.items():
+            params = layer.after_optimizer_step(progress)
+            if params:
+                reset_optimizer_state(optimizer, [originals.get(id(p), p) for p in params])
+                fired[name] = len(params)
     return fired

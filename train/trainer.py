@@ -1,6 +1,7 @@
 """Train a surgered model: ``train_adapters(adapted, tokenizer, output_dir, resume=False) -> metrics``.
 
-An accelerate loop, so the same code runs on one CPU, one GPU or data-parallel under ``accelerate launch``:
+An accelerate loop, so the same code runs on one CPU, one GPU, data-parallel (DDP) or fully sharded (FSDP
+version 2, see :mod:`train.sharding`) under ``accelerate launch`` (configs/accelerate/):
 AdamW over the declared adapter parameters (LoRA+ groups), linear warm-up and decay, gradient accumulation,
 clipping, bf16/fp16 autocast where the device has it. Each optimizer step's loss is the sum over every target of
 the global batch (all micro-batches, all processes) divided by their count, so accumulation and data parallelism
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from surgery.checkpoint import CheckpointError, save_checkpoint
+from surgery.checkpoint import CheckpointError, save_checkpoint, saved_modules
 from surgery.methods import AdapterLayer
 from surgery.rewrite import AdaptedModel
 from train.config import TrainConfig
@@ -42,6 +44,7 @@ from train.loss import example_losses, target_count
 from train.optim import build_optimizer, build_scheduler
 from train.report import format_history, write_metrics
 from train.schedule import Plan, step_adapters
+from train.sharding import shard_optimizer_state, whole_optimizer_state, whole_parameters
 from train.state import (
     clear,
     latest_checkpoint,
@@ -115,6 +118,7 @@ def train_adapters(
     config = adapted.config.train
     if config is None:
         raise ValueError("the config has no `train:` section; add one to train (see README: Config keys)")
+    check_launch_environment()
     accelerator = make_accelerator(config)
     check_supported(accelerator)
     set_seed(config.seed)
@@ -135,14 +139,47 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
+FSDP1_ERROR = ("accelerate is configured for FSDP version 1; adapter training shards with FSDP version 2: set "
+               "`fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp2.yaml) or pass --fsdp_version 2")
+EFFICIENT_LOADING_ERROR = (
+    "accelerate is configured for FSDP with cpu_ram_efficient_loading, under which transformers loads the base "
+    "model with empty weights on every process but the first and expects accelerate to broadcast them; here every "
+    "process loads the base and runs the surgery itself. Set `fsdp_cpu_ram_efficient_loading: false` in the "
+    "accelerate config (configs/accelerate/fsdp2.yaml) or pass --fsdp_cpu_ram_efficient_loading false"
+)
+DEEPSPEED_ERROR = (
+    "accelerate is configured for DeepSpeed, which this trainer does not drive (its engine owns the optimizer "
+    "state that checkpoints save and c3LA switches reset); to shard a model across GPUs use FSDP version 2 "
+    "(accelerate launch --config_file configs/accelerate/fsdp2.yaml -m surgery.apply CONFIG), or data "
+    "parallelism (configs/accelerate/ddp.yaml); see README: Training on several GPUs"
+)
+
+
+def check_launch_environment(env: Mapping[str, str] | None = None) -> None:
+    """Refuse, from the variables ``accelerate launch`` sets and before any model is loaded, the set-ups this
+    trainer does not implement: DeepSpeed, FSDP version 1, and FSDP's cpu_ram_efficient_loading."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError(DEEPSPEED_ERROR)
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if env.get("FSDP_VERSION", "1") != "2":
+        raise ValueError(FSDP1_ERROR)
+    if env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+        raise ValueError(EFFICIENT_LOADING_ERROR)
+
+
 def check_supported(accelerator: Accelerator) -> None:
-    """Refuse the set-ups whose parameter sharding this loop cannot handle, before any work."""
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(
-            f"accelerate is configured for {accelerator.distributed_type.value}, which shards parameters and "
-            f"optimizer state; adapter training here runs single-process or data-parallel (DDP): "
-            f"accelerate launch --multi_gpu --num_processes N (see docs/training.md)"
-        )
+    """The same refusals for an ``Accelerator`` built in code (plugins rather than environment variables).
+    FSDP version 2 shards into DTensors, which :mod:`train.sharding` gathers where whole tensors are needed."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(DEEPSPEED_ERROR)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if not accelerator.is_fsdp2:
+        raise ValueError(FSDP1_ERROR)
+    if accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+        raise ValueError(EFFICIENT_LOADING_ERROR)
 
 
 # ---- set-up ------------------------------------------------------------------------------------------------
@@ -219,7 +256,7 @@ def restore_progress(run: Run, state: dict[str, Any]) -> None:
         log.warning("--resume: total steps changed from %d to %d; the learning-rate schedule follows the new length",
                     state["total_steps"], plan.total_steps)
     try:
-        run.adamw.load_state_dict(state["optimizer"])
+        run.adamw.load_state_dict(shard_optimizer_state(state["optimizer"], run.adamw))
     except ValueError as error:
         raise CheckpointError(f"--resume: the optimizer state in {checkpoints} does not fit this run ({error}); "
                               f"did weight_decay or LoRA+ settings change? Restore them or start a new run") from None
@@ -271,7 +308,7 @@ def optimizer_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> fl
     """One optimizer step over ``micro_batches``; returns the step's mean loss per target (all processes)."""
     accelerator, task = run.accelerator, run.task
     count = accelerator.reduce(sum(target_count(b, task) for b in micro_batches), "sum").clamp(min=1)
-    scale = accelerator.num_processes / count  # DDP averages over processes; undo that, divide by all targets
+    scale = accelerator.num_processes / count  # DDP and FSDP average over processes; undo that, divide by all targets
     total = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
@@ -348,7 +385,7 @@ def trainer_state(run: Run) -> dict[str, Any]:
         "step": run.step,
         "steps_per_epoch": run.plan.steps_per_epoch,
         "total_steps": run.plan.total_steps,
-        "optimizer": run.adamw.state_dict(),
+        "optimizer": whole_optimizer_state(run.adamw),
         "scheduler": run.scheduler.state_dict(),
         "rng": rng_state(),
         "history": run.history,
@@ -358,13 +395,21 @@ def trainer_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> None:
-    """A step checkpoint, written by the main process while the others wait."""
-    if run.is_main:
-        run.last_saved = save_training_checkpoint(run.adapted, run.checkpoints, run.step, trainer_state(run),
-                                                  run.config.keep_checkpoints)
-        info("checkpoint saved: %s", run.last_saved)
+    """A step checkpoint, written by the main process while the others wait (every process takes part in
+    gathering sharded tensors first)."""
+    with whole_parameters(saved_parts(run.adapted)):
+        state = trainer_state(run)
+        if run.is_main:
+            run.last_saved = save_training_checkpoint(run.adapted, run.checkpoints, run.step, state,
+                                                      run.config.keep_checkpoints)
+            info("checkpoint saved: %s", run.last_saved)
     run.saved_step = run.step
     run.accelerator.wait_for_everyone()
+
+
+def saved_parts(adapted: AdaptedModel) -> list[torch.nn.Module]:
+    """The modules whose tensors a checkpoint holds: the adapter layers and the trained modules (task head)."""
+    return [*adapted.layers.values(), *saved_modules(adapted).values()]
 
 
 def drop_autocast_wrapper(model: torch.nn.Module) -> None:
@@ -383,9 +428,10 @@ def finish(run: Run, seconds: float) -> dict[str, float]:
     metrics = {**final, "steps": run.step, "epochs": round(run.plan.epochs, 4), "train_runtime_s": round(seconds, 2)}
     if run.history[0]["step"] == 0:
         metrics.update({f"initial_{k}": v for k, v in run.history[0].items() if k.startswith("eval_")})
-    if run.is_main:
-        save_checkpoint(run.adapted, run.output_dir, extra={"training": {"steps": run.step, "metrics": metrics}})
-        write_metrics(run.output_dir, metrics, run.history)
-        info("training summary\n%s", format_history(run.history))
+    with whole_parameters(saved_parts(run.adapted)):
+        if run.is_main:
+            save_checkpoint(run.adapted, run.output_dir, extra={"training": {"steps": run.step, "metrics": metrics}})
+            write_metrics(run.output_dir, metrics, run.history)
+            info("training summary\n%s", format_history(run.history))
     run.accelerator.wait_for_everyone()
     return metrics

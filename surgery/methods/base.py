@@ -196,9 +196,14 @@ class AdapterLayer(nn.Module, ABC):
         and may replace them too."""
         return {name: cls(layer, config, layer_name=name) for name, layer in targets.items()}
 
+    def schedule_due(self, progress: TrainProgress) -> bool:
+        """Whether :meth:`after_optimizer_step` has work after this step. The trainer calls the hook only then,
+        with this layer's tensors whole (gathered first when FSDP shards them); most methods never have any."""
+        return False
+
     def after_optimizer_step(self, progress: TrainProgress) -> list[nn.Parameter]:
-        """Training schedule hook, called after every optimizer step. Returns the parameters whose optimizer
-        state the trainer must reset (c3LA's B at a chain switch); most methods do nothing."""
+        """Training schedule hook, called after an optimizer step for which :meth:`schedule_due` holds. Returns
+        the parameters whose optimizer state the trainer must reset (c3LA's B at a chain switch)."""
         return []
 
     def on_checkpoint_loaded(self) -> None:

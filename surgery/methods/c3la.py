@@ -133,6 +133,9 @@ class C3LALayer(CLALayer):
         epochs = cfg.chain_every_epochs or max(1, math.floor(progress.epochs / cfg.chain_length))
         return epochs * progress.steps_per_epoch
 
+    def schedule_due(self, progress: TrainProgress) -> bool:
+        return self.switch_due(progress)
+
     def switch_due(self, progress: TrainProgress) -> bool:
         return (
             self.n_links < self.config.chain_length - 1

@@ -11,7 +11,8 @@ import pytest
 from surgery.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"  # accelerate launch's own files (tests/train/test_launch.py)
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if ACCELERATE_CONFIGS not in p.parents)
 PAPERS = {
     "proda_llama_commonsense.yaml": "proda",
     "proda_roberta_glue.yaml": "proda",
