@@ -5,7 +5,7 @@ from transformers.pytorch_utils import Conv1D
 
 from surgery.layers import weight_out_in
 from surgery.methods import method_class
-from surgery.methods.proda import ProDAConfig, ProDALayer, ProDAResidual
+from surgery.methods.proda import ProDAConfig, ProDAFolded, ProDALayer
 from tests.surgery.method_harness import (
     assert_close,
     base_layers,
@@ -94,28 +94,28 @@ def test_proda_fold_is_static_weight_plus_fused_residual() -> None:
         layer = randomized(ProDALayer, base, cfg)
         fold = layer.fold()
         f, s = dense_factors(layer), scaling(cfg)
-        # static: W0 + s B A + P + gamma_g s (B A (.) P), the base layer's type
-        static = fold.module.static
-        assert type(static) is type(base), kind
+        folded = fold.module
+        assert isinstance(folded, ProDAFolded) and fold.residual, kind
+        # static: W0 + s B A + P + gamma_g s (B A (.) P), and the base bias
         w0 = weight_out_in(base).detach()
         expected_w = w0 + s * f["BA"] + f["P"] + f["gamma_global"] * s * f["BA_P"]
-        assert_close(weight_out_in(static).detach(), expected_w, f"proda static weight on {kind}")
-        # residual: sigmoid(W_up relu(W_down x)) s (B A (.) P) x
-        residual = fold.module.residual
-        assert isinstance(residual, ProDAResidual) and fold.residual
+        assert_close(folded.static_weight, expected_w, f"proda static weight on {kind}")
+        assert_close(folded.bias, base.bias.detach(), f"proda bias on {kind}")
+        # what the static weight does not hold: sigmoid(W_up relu(W_down x)) s (B A (.) P) x
         x = torch.randn(3, 7, D_IN, dtype=torch.float64)
-        assert_close(residual(x), dense_gate(f, x) * s * (x @ f["BA_P"].t()), f"proda residual on {kind}")
+        residual = folded(x) - (x @ expected_w.t() + base.bias.detach())
+        assert_close(residual, dense_gate(f, x) * s * (x @ f["BA_P"].t()), f"proda residual on {kind}")
 
 
 def test_proda_residual_is_fused() -> None:
     r, d_b = 4, 3
     fold = randomized(ProDALayer, base_layers(D_IN, D_OUT)["conv1d"], ProDAConfig(r=r, d_b=d_b)).fold()
-    residual = fold.module.residual
-    weights = {name: p.shape for name, p in residual.named_parameters()}
+    weights = {name: p.shape for name, p in fold.module.named_parameters()}
     assert weights == {
-        "down.weight": (2 * r + d_b, D_IN),
+        "down.weight": (2 * r + d_b, D_IN),  # [A ; A diag(b_r) ; W_down]: one down-projection
         "gate_up.weight": (1, d_b),
-        "up.weight": (D_OUT, 2 * r),
+        "weight": (D_OUT, D_IN + 2 * r),  # [W' | s [diag(b_c) B | B]]: the up-projection in the static matmul
+        "bias": (D_OUT,),
     }
     assert fold.macs_per_token == D_IN * D_OUT + (2 * r + d_b) * D_IN + 2 * r * D_OUT + d_b
     assert fold.note == "dense"
