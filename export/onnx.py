@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import shutil
 import sys
 import tempfile
@@ -94,9 +95,19 @@ def export_checkpoint(
     tolerance = export_tolerance(model_dtype(reference), dtype)
     step("folding" if merge else "keeping the adapters unfolded", f"{len(adapted.layers)} adapted layers")
     deployed, layers = deployable(adapted, merge)
+    if not latency:  # one PyTorch model at a time: drop the unfolded one while exporting, reload it to verify
+        del adapted, reference
+        gc.collect()
     step("exporting", f"into {out}")
     clear_previous_export(out)
     graph = export_model(as_float32(deployed), out, opset, backend, log=step.detail)
+    if not latency:
+        del deployed
+        gc.collect()
+        step.detail("reloading the unfolded model for verification (with --no-latency one PyTorch model is held at "
+                    "a time)")
+        adapted = load_checkpoint(ckpt, model_path=model_path)
+        reference = adapted.model.eval()
     save_tokenizer(adapted, out, step.detail)
     if dtype == "fp16":
         to_fp16_in_place(graph)
@@ -365,7 +376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "must be the ones the checkpoint was trained on)")
     parser.add_argument("--base-onnx", type=Path, help="an existing ONNX export of the base model to compare latency "
                                                        "against (default: export it again, the same way)")
-    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the latency measurement; the export then holds one PyTorch model at a time (about "
+                             "2.2x the model in RAM instead of 3.1x: the unfolded model is reloaded to verify)")
     parser.add_argument("--no-fp16-check", action="store_true",
                         help="skip building and verifying the fp16 variant (TensorRT readiness)")
     return parser.parse_args(argv)
