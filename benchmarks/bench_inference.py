@@ -133,9 +133,10 @@ def export_base(model_config: ModelConfig, folder: Path) -> ExportedGraph:
     return export_model(load_model(model_config), folder, log=lambda _: None)
 
 
-def randomized_adapters(model_config: ModelConfig, settings: dict[str, Any], seed: int) -> AdaptedModel:
+def randomized_adapters(model_config: ModelConfig, settings: dict[str, Any], seed: int,
+                        targets: str | list[str] = "all-linear") -> AdaptedModel:
     """Surgery on a fresh base with every adapter parameter drawn N(0, ADAPTER_STD^2)."""
-    config = parse_config({"model": model_config.model_dump(), "targets": "all-linear", "method": settings},
+    config = parse_config({"model": model_config.model_dump(), "targets": targets, "method": settings},
                           source=f"bench_inference {settings['name']}")
     adapted = apply_surgery(load_model(config.model), config)
     generator = torch.Generator().manual_seed(seed)
@@ -158,9 +159,9 @@ class Exported:
 
 
 def export_method(model_config: ModelConfig, settings: dict[str, Any], base: ExportedGraph, folder: Path,
-                  log: Callable[[str], None]) -> Exported:
+                  log: Callable[[str], None], targets: str | list[str] = "all-linear") -> Exported:
     """Checkpoint, fold + export + verify (export_checkpoint), and the unfolded and folded PyTorch models."""
-    adapted = randomized_adapters(model_config, settings, seed=3)
+    adapted = randomized_adapters(model_config, settings, seed=3, targets=targets)
     ckpt = save_checkpoint(adapted, folder / "ckpt")
     start = time.perf_counter()
     report = export_checkpoint(ckpt, folder / "onnx", merge=True, latency=False, fp16_check=False,
@@ -271,7 +272,8 @@ def measure_method(model: BenchModel, model_config: ModelConfig, method: str, ba
     folder = scratch / method
     print(f"  {model.name} / {method}: fold, export, verify", flush=True)
     try:
-        exported = export_method(model_config, settings, base, folder, log=lambda line: print(f"    {line}"))
+        exported = export_method(model_config, settings, base, folder, log=lambda line: print(f"    {line}"),
+                                 targets=args.targets)
     except (ExportFailed, FoldError) as error:
         print(f"  {model.name} / {method}: FAILED: {error}", flush=True)
         return [{"model": model.name, "method": method, "settings": settings_text(settings), "error": str(error)}]
@@ -384,7 +386,7 @@ COLUMNS = [
 ]
 
 
-def notes_of(model: BenchModel, rows: list[dict[str, Any]]) -> list[str]:
+def notes_of(model: BenchModel, rows: list[dict[str, Any]], targets: str | list[str]) -> list[str]:
     control = {row["batch"]: row["overhead"] for row in rows if row["method"] == CONTROL}
     notes = [
         f"{CONTROL}: the base export timed against a second session on the same file ("
@@ -393,7 +395,8 @@ def notes_of(model: BenchModel, rows: list[dict[str, Any]]) -> list[str]:
         "verdict either way",
         "graph = base's: the folded export has the base export's operators in the same order and initializers of "
         "the same shapes and types (only weight values differ); there, any export / base ratio away from 1 is noise",
-        f"model: {model.description}; adapters on all-linear, std {ADAPTER_STD} random weights, r={RANK}",
+        f"model: {model.description}; adapters on {targets_text(targets)}, std {ADAPTER_STD} random weights, "
+        f"r={RANK}",
         "export / base: median over rounds of the within-round ratio (overhead_of_medians in the JSON is the ratio of "
         "the medians, export.latency's definition); IQR/median shows the export's noise",
         "each export passed export_checkpoint's verification (parity vs the unfolded PyTorch model at "
@@ -416,15 +419,19 @@ def notes_of(model: BenchModel, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def report(model: BenchModel, machine: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    name = f"inference_{model.name}"
-    settings = {"model": model.description, "targets": "all-linear", "rank": RANK, "seq": SEQ,
+    name = f"inference_{model.name}" + ("" if args.targets == "all-linear" else "_" + "-".join(args.targets))
+    settings = {"model": model.description, "targets": targets_text(args.targets), "rank": RANK, "seq": SEQ,
                 "batches": list(args.batches), "ort_rounds": rounds_text(args.ort_rounds),
                 "torch_rounds": rounds_text(args.torch_rounds), "warmup": args.warmup, "clock": args.clock,
                 "threads": torch.get_num_threads(), "provider": PROVIDER[args.device.split(":")[0]]}
     write_results(name, f"Inference: folded export vs base export, every method ({model.name})", machine, settings,
-                  rows, COLUMNS, targets_of(model, rows), notes_of(model, rows), results_dir=args.out_dir)
+                  rows, COLUMNS, targets_of(model, rows), notes_of(model, rows, args.targets), results_dir=args.out_dir)
     print((args.out_dir / f"{name}.md").read_text(), flush=True)
     plot(model, rows, machine, args.out_dir / f"{name}.png")
+
+
+def targets_text(targets: str | list[str]) -> str:
+    return targets if isinstance(targets, str) else ", ".join(targets)
 
 
 def rounds_text(rounds: Rounds) -> str:
@@ -468,6 +475,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="PyTorch and onnxruntime intra-op threads (default: torch's)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time, steadier on a busy machine (with --threads 1)")
+    parser.add_argument("--targets", type=lambda s: s if s == "all-linear" else s.split(","), default="all-linear",
+                        help="all-linear (default) or comma-separated layer names, e.g. query,value (ProDA's and the "
+                             "demo's setting); other than all-linear, results go to inference_MODEL_NAMES.*")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results (quick: benchmarks/results/tmp)")
     args = parser.parse_args(argv)
     args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import shutil
 import sys
 import tempfile
@@ -96,6 +97,7 @@ def export_checkpoint(
     step("folding" if merge else "keeping the adapters unfolded", f"{len(adapted.layers)} adapted layers")
     deployed, layers = deployable(adapted, merge)
     if not latency:  # one PyTorch model at a time: drop the unfolded one while exporting, reload it to verify
+        own_shared_tensors(deployed, reference)
         del adapted, reference
         gc.collect()
     step("exporting", f"into {out}")
@@ -168,6 +170,18 @@ def deployable(adapted: AdaptedModel, merge: bool) -> tuple[nn.Module, list[Laye
         folded = fold_model(adapted)
         return folded.model, folded.layers
     return tensor_sharing_copy(adapted.model).eval(), unfolded_layers(adapted)
+
+
+@torch.no_grad()
+def own_shared_tensors(model: nn.Module, other: nn.Module) -> None:
+    """Give ``model`` its own copy of every tensor whose storage it shares with ``other`` (the folded copy shares
+    embeddings, norms and untouched layers with the unfolded model), so dropping ``other`` frees its memory. That
+    includes the weights file itself: safetensors maps it, the loaded tensors are views of the mapping, and the
+    mapping (the whole model's bytes) stays resident while any one of them is alive."""
+    shared = {t.untyped_storage().data_ptr() for t in itertools.chain(other.parameters(), other.buffers())}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.untyped_storage().data_ptr() in shared:
+            tensor.data = tensor.data.clone()
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
