@@ -151,7 +151,7 @@ DEEPSPEED_ERROR = (
     "accelerate is configured for DeepSpeed, which this trainer does not drive (its engine owns the optimizer "
     "state that checkpoints save and c3LA switches reset); to shard a model across GPUs use FSDP version 2 "
     "(accelerate launch --config_file configs/accelerate/fsdp2.yaml -m surgery.apply CONFIG), or data "
-    "parallelism (configs/accelerate/ddp.yaml); see README: Training on several GPUs"
+    "parallelism (configs/accelerate/ddp.yaml); see README: Several processes and GPUs"
 )
 
 

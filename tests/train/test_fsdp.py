@@ -29,8 +29,9 @@ def _launch(config_file: Path, *extra: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [ACCELERATE, "launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
-               "TRANSFORMER_BASED_WRAP", "--fsdp_cpu_ram_efficient_loading", "false", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "tests.train.fsdp_worker", str(config_file), *extra]
+               "TRANSFORMER_BASED_WRAP", "--fsdp_cpu_ram_efficient_loading", "false", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "tests.train.fsdp_worker", str(config_file), *extra]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
