@@ -63,7 +63,9 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
 
 
 def test_every_shipped_config_validates() -> None:
-    configs = sorted(Path(__file__).parents[2].glob("configs/**/*.yaml"))
+    root = Path(__file__).parents[2] / "configs"
+    accelerate = root / "accelerate"  # accelerate launch's own config files, not surgery configs
+    configs = sorted(p for p in root.glob("**/*.yaml") if accelerate not in p.parents)
     assert configs, "configs/ ships at least one config"
     for path in configs:
         load_config(path)
