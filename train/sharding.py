@@ -98,7 +98,3 @@ def _shard_like(value: Any, param: DTensor) -> Any:
     return distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements,
                              src_data_rank=None)
 
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is a shard (FSDP2)."""
-    return any(isinstance(param, DTensor) for param in model.parameters())

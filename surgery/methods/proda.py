@@ -177,11 +177,6 @@ class ProDAFolded(nn.Module):
         """``W'`` (d_out, d_in): what the fold merged."""
         return self.weight[:, : self.d_in]
 
-    @property
-    def up_weight(self) -> torch.Tensor:
-        """``s [diag(b_c) B | B]`` (d_out, 2r)."""
-        return self.weight[:, self.d_in :]
-
     def gated_low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """``gate(x) * [A ; A diag(b_r)] x``: x (..., d_in) -> (..., 2r)."""
         low_rank, hidden = self.down(x).split([2 * self.rank, self.d_b], dim=-1)  # (..., 2r), (..., d_b)
