@@ -1,14 +1,17 @@
 """Two ways to write a transformers model as ONNX, behind one small interface.
 
-- ``optimum``: optimum-onnx's ``onnx_export_from_model`` for the architectures it has an ONNX config for. Decoders
-  export with their KV cache (``past_key_values.*`` in, ``present.*`` out) and the folder loads in
-  ``ORTModelForCausalLM``; encoders load in ``ORTModelForSequenceClassification`` / ``ORTModelForFeatureExtraction``.
-- ``torch``: plain ``torch.onnx.export`` (TorchScript tracing) of ``input_ids, attention_mask [, token_type_ids]`` ->
-  the main output, with dynamic batch and sequence axes; for any other model. Decoders export without a cache.
+- ``torch`` (always there): ``torch.onnx.export`` (TorchScript tracing) with dynamic batch and sequence axes. Encoders
+  take ``input_ids, attention_mask [, token_type_ids]`` and give their main output; decoders export WITH their KV
+  cache: ``input_ids, attention_mask, position_ids, past_key_values.{i}.key/.value`` in, ``logits,
+  present.{i}.key/.value`` out (optimum's names, so the folder also loads in optimum's ``ORTModelForCausalLM``).
+  Runs on transformers 4.46+ and 5.x.
+- ``optimum`` (the ``[optimum]`` extra, transformers < 4.58 only): optimum-onnx's ``onnx_export_from_model`` for the
+  architectures it has an ONNX config for.
 
-The backends see only an ``nn.Module`` (folded or not): they know nothing of adapter methods. Either way the folder
-gets ``model.onnx``, ``config.json`` and, for generative models, ``generation_config.json``; weights of a model past
-protobuf's 2 GiB go to one external file ``model.onnx_data`` beside it.
+``auto`` takes optimum where it is installed and knows the architecture, else torch. The backends see only an
+``nn.Module`` (folded or not): they know nothing of adapter methods. Either way the folder gets ``model.onnx``,
+``config.json`` and, for generative models, ``generation_config.json``; weights of a model past protobuf's 2 GiB go
+to one external file ``model.onnx_data`` beside it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ OPTIMUM_TASKS = {SEQ_CLS: "text-classification", CAUSAL_LM: "text-generation", F
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"  # optimum's name: the graph file's name + "_data"
 PROTOBUF_LIMIT = 2**31  # one serialised ModelProto must stay below 2 GiB
-TRACE_BATCH, TRACE_SEQUENCE = 2, 8  # the torch backend's example input; verification uses other shapes
+TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 8, 3  # the torch backend's example input (and cached
+# positions); verification uses other shapes
 
 Log = Callable[[str], None]
 
@@ -104,6 +108,16 @@ class OptimumBackend:
         except KeyError:
             return set()
 
+    @staticmethod
+    def missing() -> str | None:
+        """Why optimum-onnx cannot be used in this environment; None when it can."""
+        try:
+            import optimum.exporters.onnx  # noqa: F401
+        except ImportError as error:
+            return (f"optimum-onnx is not installed ({error.msg}); it is the optional [optimum] extra "
+                    f"(pip install -e '.[optimum]', which needs transformers<4.58)")
+        return None
+
     def optimum_task(self, model: nn.Module, task: str) -> str | None:
         tasks, wanted = self._tasks(model), OPTIMUM_TASKS[task]
         if task == CAUSAL_LM and f"{wanted}-with-past" in tasks:
@@ -111,6 +125,9 @@ class OptimumBackend:
         return wanted if wanted in tasks else None
 
     def unsupported(self, model: nn.Module, task: str) -> str | None:
+        missing = self.missing()
+        if missing:
+            return missing
         if self.optimum_task(model, task) is None:
             return (f"optimum-onnx has no ONNX config for model type {model_type(model)!r} and task "
                     f"{OPTIMUM_TASKS[task]!r}")
@@ -151,6 +168,83 @@ class MainOutput(nn.Module):
         return outputs[self.output_name]
 
 
+class CausalLMWithCache(nn.Module):
+    """A causal LM with its KV cache as flat tensors, for tracing.
+
+    input_ids (batch, new), attention_mask (batch, past + new), position_ids (batch, new),
+    2 x layers tensors past_key_values.{i}.key/.value (batch, kv_heads, past, head_dim)
+    -> logits (batch, new, vocab), 2 x layers tensors present.{i}.key/.value (batch, kv_heads, past + new, head_dim).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache_from_tensors(pairs), use_cache=True,
+                             return_dict=True)
+        return (outputs.logits, *cache_tensors(outputs.past_key_values))
+
+
+def cache_from_tensors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> object:
+    """A DynamicCache holding ``pairs`` (key, value) per layer: transformers 5 takes them in the constructor,
+    4.x through ``from_legacy_cache``. Every layer keeps all positions, sliding-window layers too (built without
+    the config, which would crop them to the window and break ``present`` = past + new): the attention mask applies
+    the window, so the outputs are the same."""
+    from transformers import DynamicCache
+
+    if hasattr(DynamicCache, "from_legacy_cache"):
+        return DynamicCache.from_legacy_cache(tuple(pairs))
+    return DynamicCache(pairs)
+
+
+def cache_tensors(cache: object) -> list[torch.Tensor]:
+    """key_0, value_0, key_1, ... of a returned cache (transformers 5 cache layers, 4.x key/value lists, or the
+    legacy tuple of pairs)."""
+    if hasattr(cache, "layers"):
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    elif hasattr(cache, "key_cache"):
+        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
+    else:
+        pairs = [tuple(pair[:2]) for pair in cache]
+    return [tensor for pair in pairs for tensor in pair]
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What one decoder's cache looks like: (kv_heads, head_dim) per layer, from a probe forward."""
+
+    layers: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def probe(cls, model: nn.Module) -> CacheShape | None:
+        """Run two tokens through ``model`` with the cache on; None when it returns no cache."""
+        ids = torch.full((1, 2), min(3, int(model.config.vocab_size) - 1), dtype=torch.long)
+        try:
+            with torch.no_grad(), quiet_export():
+                outputs = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True)
+            cache = getattr(outputs, "past_key_values", None)
+        except (TypeError, ValueError):  # a forward without a cache argument
+            return None
+        if cache is None:
+            return None
+        tensors = cache_tensors(cache)
+        if not tensors or any(t.dim() != 4 for t in tensors):
+            return None
+        return cls(tuple((int(t.shape[1]), int(t.shape[3])) for t in tensors[::2]))
+
+    def names(self, prefix: str) -> list[str]:
+        return [f"{prefix}{i}.{kind}" for i in range(len(self.layers)) for kind in ("key", "value")]
+
+    def example(self, batch: int, past: int, dtype: torch.dtype, seed: int = 1234) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return [torch.randn(batch, heads, past, head_dim, generator=generator).to(dtype)
+                for heads, head_dim in self.layers for _ in ("key", "value")]
+
+
 def torch_input_names(model: nn.Module, task: str) -> list[str]:
     """input_ids, attention_mask, plus token_type_ids for encoders with segment embeddings."""
     names = ["input_ids", "attention_mask"]
@@ -164,43 +258,88 @@ def output_name(task: str) -> str:
     return "last_hidden_state" if task == FEATURES else "logits"
 
 
+@dataclass(frozen=True)
+class TraceSpec:
+    """Everything torch.onnx.export needs besides the file: module, example inputs, names and dynamic axes."""
+
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    with_past: bool
+
+
+BATCH_SEQ = {0: "batch_size", 1: "sequence_length"}
+TOTAL_SEQUENCE = "past_sequence_length + sequence_length"  # optimum's name; TensorRT profiles read it as a sum
+
+
+def main_output_spec(model: nn.Module, task: str) -> TraceSpec:
+    """input_ids, attention_mask [, token_type_ids] -> the main output; no cache."""
+    names, output = torch_input_names(model, task), output_name(task)
+    fixed = {"use_cache": False} if task == CAUSAL_LM else {}
+    axes = {name: BATCH_SEQ for name in names}
+    axes[output] = {0: "batch_size"} if task == SEQ_CLS else BATCH_SEQ
+    return TraceSpec(MainOutput(model, names, output, **fixed).eval(), trace_inputs(model, names), names, [output],
+                     axes, with_past=False)
+
+
+def cached_decoder_spec(model: nn.Module, cache: CacheShape) -> TraceSpec:
+    """The decoder with its cache; traced with a non-empty past (TRACE_PAST positions) so that every length,
+    zero included, follows the same graph."""
+    past_names, present_names = cache.names("past_key_values."), cache.names("present.")
+    ids = trace_inputs(model, ["input_ids"])[0]
+    mask = torch.ones(TRACE_BATCH, TRACE_PAST + TRACE_SEQUENCE, dtype=torch.long)
+    positions = torch.arange(TRACE_PAST, TRACE_PAST + TRACE_SEQUENCE).expand(TRACE_BATCH, -1)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    axes = {"input_ids": BATCH_SEQ, "position_ids": BATCH_SEQ, "logits": BATCH_SEQ,
+            "attention_mask": {0: "batch_size", 1: TOTAL_SEQUENCE}}
+    axes.update({name: {0: "batch_size", 2: "past_sequence_length"} for name in past_names})
+    axes.update({name: {0: "batch_size", 2: TOTAL_SEQUENCE} for name in present_names})
+    return TraceSpec(CausalLMWithCache(model).eval(), (ids, mask, positions, *cache.example(TRACE_BATCH, TRACE_PAST,
+                     dtype)), ["input_ids", "attention_mask", "position_ids", *past_names],
+                     ["logits", *present_names], axes, with_past=True)
+
+
 class TorchOnnxBackend:
-    """``torch.onnx.export`` (TorchScript tracer) of the main output; no KV cache."""
+    """``torch.onnx.export`` (TorchScript tracer); decoders with their KV cache."""
 
     name = "torch"
 
     def unsupported(self, model: nn.Module, task: str) -> str | None:
         return None if hasattr(model, "config") else f"{type(model).__name__} is not a transformers model"
 
+    def trace_spec(self, model: nn.Module, task: str) -> TraceSpec:
+        cache = CacheShape.probe(model) if task == CAUSAL_LM else None
+        return cached_decoder_spec(model, cache) if cache else main_output_spec(model, task)
+
     def export(self, model: nn.Module, folder: Path, task: str, opset: int) -> ExportedGraph:
-        names, output = torch_input_names(model, task), output_name(task)
-        fixed = {"use_cache": False} if task == CAUSAL_LM else {}
-        wrapper = MainOutput(model, names, output, **fixed).eval()
-        example = trace_inputs(model, names)
-        batch_seq = {0: "batch_size", 1: "sequence_length"}
-        axes = {name: batch_seq for name in names}
-        axes[output] = {0: "batch_size"} if task == SEQ_CLS else batch_seq
+        spec = self.trace_spec(model, task)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".torch_onnx.") as scratch:
             traced = Path(scratch) / MODEL_FILE
             try:
                 with torch.no_grad(), quiet_export(), traceable_masks():
-                    torch.onnx.export(wrapper, example, str(traced), input_names=names, output_names=[output],
-                                      dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+                    torch.onnx.export(spec.module, spec.example, str(traced), input_names=spec.input_names,
+                                      output_names=spec.output_names, dynamic_axes=spec.dynamic_axes,
+                                      opset_version=opset, do_constant_folding=True, dynamo=False)
             except Exception as error:  # tracing raises many types; re-raised with the model and the first line
                 raise export_failure("torch.onnx.export", model, error) from error
             save_single_file(traced, folder / MODEL_FILE)
         save_configs(model, folder)
-        return ExportedGraph(folder, folder / MODEL_FILE, self.name, task, False, opset)
+        return ExportedGraph(folder, folder / MODEL_FILE, self.name, task, spec.with_past, opset)
 
 
 @contextmanager
 def traceable_masks() -> Iterator[None]:
-    """transformers >= 4.53 builds attention masks with ``torch.vmap``, which the TorchScript tracer cannot record;
+    """transformers 4.53-4.57 build attention masks with ``torch.vmap``, which the TorchScript tracer cannot record;
     while tracing, the sdpa and eager mask builders are replaced by the same masks built by broadcasting (what
     optimum's model patcher does for its own exports)."""
     try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     except ImportError:  # older transformers build masks without vmap
+        yield
+        return
+    if "cache_position" not in inspect.signature(sdpa_mask).parameters:  # transformers 5 broadcasts by default
         yield
         return
     originals = {name: ALL_MASK_ATTENTION_FUNCTIONS[name] for name in ("sdpa", "eager")}
@@ -295,7 +434,8 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def choose_backend(model: nn.Module, task: str, backend: str = "auto", log: Log = print) -> Backend:
-    """``auto``: optimum where it knows the architecture, torch.onnx otherwise; a named backend or an error."""
+    """``auto``: optimum where it is installed and knows the architecture, torch.onnx otherwise; a named backend
+    or an error."""
     if backend not in BACKEND_CHOICES:
         raise ExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     if backend != "auto":
@@ -305,10 +445,12 @@ def choose_backend(model: nn.Module, task: str, backend: str = "auto", log: Log 
             raise ExportError(f"{reason}; the {backend} backend cannot export {type(model).__name__}. "
                               f"Use --backend auto (falls back to torch.onnx) or --backend torch")
         return chosen
+    if OptimumBackend.missing():
+        return BACKENDS["torch"]
     reason = BACKENDS["optimum"].unsupported(model, task)
     if reason is None:
         return BACKENDS["optimum"]
-    log(f"{reason}: falling back to torch.onnx (no KV cache)")
+    log(f"{reason}: exporting with torch.onnx")
     return BACKENDS["torch"]
 
 

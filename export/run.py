@@ -4,10 +4,9 @@
 
 DIR holds ``model.onnx`` (or optimum's ``decoder_*.onnx`` files), ``config.json``, the tokenizer files and optionally
 ``generation_config.json`` and ``export_report.json``. The task comes from the report's ``task``, else from
-``config.json``'s architectures, else from the graph's outputs. Causal LMs exported with a KV cache (inputs
-``past_key_values.*``, optimum's naming) generate through optimum's ORTModelForCausalLM with the cache; a decoder
-without cache inputs (input_ids / attention_mask [/ position_ids] -> logits) runs a plain greedy loop that
-re-reads the whole sequence each step.
+``config.json``'s architectures, else from the graph's outputs. Causal LMs decode greedily with
+``export.decode.greedy``: with the KV cache when the graph has one (inputs ``past_key_values.*``, optimum's naming),
+else re-reading the whole sequence each step. No optimum needed.
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from export.decode import FeedError, greedy, has_cache, onnx_feed
 from export.latency import PROVIDERS, ProviderError, ort_session, provider_chain
 
 SEQ_CLS, CAUSAL_LM, FEATURES = "seq-cls", "causal-lm", "feature-extraction"
@@ -42,8 +41,6 @@ MODEL_FILES = {
 # A folder has a tokenizer when it has one of these (fast tokenizer, its config, or a slow tokenizer's vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
-INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
-PAST_PREFIX = "past_key_values."
 
 
 class ExportFolderError(ValueError):
@@ -100,15 +97,8 @@ class OnnxPipeline:
     def __init__(self, folder: Path, task: str, config, tokenizer, model_file: Path, provider: str = "cpu"):
         self.folder, self.task, self.config, self.tokenizer = folder, task, config, tokenizer
         self.model_file, self.provider = model_file, provider
-        graph = onnx.load(str(model_file), load_external_data=False).graph
-        self.input_names = [i.name for i in graph.input if i.name not in {init.name for init in graph.initializer}]
-        # A KV cache (optimum's past_key_values.* inputs): optimum's ORTModelForCausalLM generates with it.
-        # Otherwise one plain session; the greedy loop re-reads the whole sequence each step.
-        self.decoder, self.session = None, None
-        if task == CAUSAL_LM and any(name.startswith(PAST_PREFIX) for name in self.input_names):
-            self.decoder = self._optimum_decoder()
-        else:
-            self.session = ort_session(model_file, provider)
+        self.session = ort_session(model_file, provider)
+        self.cached = has_cache(self.session)  # a KV cache: generation feeds one token a step
 
     @classmethod
     def from_dir(cls, folder: str | Path, provider: str = "cpu") -> OnnxPipeline:
@@ -141,21 +131,10 @@ class OnnxPipeline:
         """The declared inputs, from the tokenizer's output; token_type_ids default to 0, position_ids follow the
         attention mask (as transformers computes them)."""
         mask = encoded.get("attention_mask", np.ones_like(encoded["input_ids"]))
-        derived = {
-            "attention_mask": mask,
-            "token_type_ids": np.zeros_like(encoded["input_ids"]),
-            "position_ids": np.clip(np.cumsum(mask, axis=-1) - 1, 0, None),
-        }
-        feed = {}
-        for arg in self.session.get_inputs():
-            value = encoded.get(arg.name, derived.get(arg.name))
-            if value is None:
-                raise ExportFolderError(
-                    f"{self.folder}: the graph needs input {arg.name!r}, which run.py cannot provide "
-                    f"(it provides {sorted({*encoded, *derived})})"
-                )
-            feed[arg.name] = value.astype(INT_TYPES.get(arg.type, value.dtype))
-        return feed
+        try:
+            return onnx_feed(self.session, {**encoded, "attention_mask": mask})
+        except FeedError as error:
+            raise ExportFolderError(f"{self.folder}: {error}") from None
 
     def _encode(self, texts: list[str], text_pairs: list[str] | None = None) -> dict[str, np.ndarray]:
         if text_pairs is not None and len(text_pairs) != len(texts):
@@ -193,35 +172,14 @@ class OnnxPipeline:
     def generate_ids(self, input_ids: np.ndarray, max_new_tokens: int = 20) -> np.ndarray:
         """Greedy continuation of ``input_ids`` (batch, seq): the new tokens (batch, <= max_new_tokens)."""
         self._require(CAUSAL_LM, "generate")
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        if self.decoder is not None:
-            import torch
-
-            ids = torch.from_numpy(input_ids)
-            out = self.decoder.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                        num_beams=1, max_new_tokens=max_new_tokens)
-            return out[:, input_ids.shape[1]:].numpy()
-        return self._greedy_loop(input_ids, max_new_tokens)
+        return greedy(self.session, np.asarray(input_ids, dtype=np.int64), max_new_tokens, sorted(self._eos_ids()),
+                      pad_id=self._pad_id())
 
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
         """The greedy continuation of ``prompt`` (without the prompt)."""
         input_ids = self.tokenizer(prompt, return_tensors="np")["input_ids"]
         new = self.generate_ids(input_ids, max_new_tokens)[0]
         return self.tokenizer.decode(new, skip_special_tokens=True)
-
-    def _greedy_loop(self, input_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
-        """No cache: every step runs the whole sequence and appends the argmax of the last position's logits."""
-        eos = self._eos_ids()
-        ids, done = input_ids, np.zeros(input_ids.shape[0], dtype=bool)
-        for _ in range(max_new_tokens):
-            logits = self.session.run(["logits"], self._feed({"input_ids": ids}))[0]  # (batch, seq, vocab)
-            next_ids = logits[:, -1].argmax(axis=-1)
-            next_ids = np.where(done, self._pad_id(), next_ids)
-            ids = np.concatenate([ids, next_ids[:, None].astype(ids.dtype)], axis=1)
-            done |= np.isin(next_ids, list(eos))
-            if done.all():
-                break
-        return ids[:, input_ids.shape[1]:]
 
     def _eos_ids(self) -> set[int]:
         source = self.config
@@ -233,13 +191,6 @@ class OnnxPipeline:
     def _pad_id(self) -> int:
         pad = getattr(self.config, "pad_token_id", None)
         return pad if pad is not None else 0
-
-    def _optimum_decoder(self):
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        return ORTModelForCausalLM.from_pretrained(
-            self.folder, file_name=self.model_file.name, use_cache=True, providers=provider_chain(self.provider)
-        )
 
 
 # -- command line ----------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Parity runs on fresh inputs at shapes the exporters never traced (batch 1 and 3,
 batch-3 encoder input has a right-padded row), compares the main output (logits or last_hidden_state) at the
 non-padding positions, and passes when every element satisfies ``|onnx - torch| <= atol + rtol |torch|`` with the
 ``surgery.tolerances.MODEL`` entry of the export's dtype. Decoders exported with a KV cache also run one cached step
-(2 new tokens on the presents of the first call) against PyTorch on the whole sequence, then generate 20 greedy
-tokens with ``ORTModelForCausalLM`` and with the PyTorch model: the tokens must be identical.
+(2 new tokens on the presents of the first call) against PyTorch on the whole sequence. Decoders then generate 20
+greedy tokens with onnxruntime (``export.decode.greedy``: the cache when the graph has one) and with the PyTorch
+model's ``generate``: the tokens must be identical.
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.latency import session_options as latency_session_options
+from export.decode import PAST, greedy, onnx_feed, position_ids, presents_as_past  # onnx_feed: also for callers
 from export.exporters import CAUSAL_LM, FEATURES, ExportedGraph, output_name
+from export.latency import session_options as latency_session_options
 from surgery.tolerances import Tolerance
 
 PARITY_SHAPES = ((1, 5), (3, 11))  # (batch, sequence): neither is the exporters' trace shape (2 x 8, 2 x 16)
 CACHE_STEP_TOKENS = 2
 GREEDY_TOKENS = 20
 GREEDY_SHAPE = (3, 6)
-PAST, PRESENT = "past_key_values.", "present."
-ONNX_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-ONNX_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 class VerificationError(RuntimeError):
@@ -100,36 +99,6 @@ def sample_inputs(vocab: int, batch: int, seq: int, seed: int, pad_last_row: boo
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
-def position_ids(mask: np.ndarray, past: int = 0) -> np.ndarray:
-    """Positions as transformers derives them from the mask: cumsum - 1, clipped at 0, for the last columns."""
-    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
-    return positions[:, past:] if past else positions
-
-
-def empty_past(arg: ort.NodeArg, batch: int) -> np.ndarray:
-    """A past_key_values input with no cached positions: named dims are the batch or the (zero) past length."""
-    shape = [d if isinstance(d, int) else (batch if "batch" in str(d) else 0) for d in arg.shape]
-    return np.zeros(shape, dtype=ONNX_FLOAT[arg.type])
-
-
-def onnx_feed(session: ort.InferenceSession, inputs: dict[str, np.ndarray],
-              past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """The session's declared inputs from ``inputs`` (+ derived position_ids and cache entries)."""
-    batch = inputs["input_ids"].shape[0]
-    past_length = next(iter(past.values())).shape[2] if past else 0
-    derived = {"position_ids": position_ids(inputs["attention_mask"], past_length)}
-    feed = {}
-    for arg in session.get_inputs():
-        if arg.name.startswith(PAST):
-            feed[arg.name] = past[arg.name] if past else empty_past(arg, batch)
-            continue
-        value = inputs.get(arg.name, derived.get(arg.name))
-        if value is None:
-            raise VerificationError(f"the graph declares input {arg.name!r}, which verification cannot provide")
-        feed[arg.name] = value.astype(ONNX_INT.get(arg.type, value.dtype))
-    return feed
-
-
 def torch_feed(feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """The ONNX feed without the cache, as torch tensors (the same token types and positions for PyTorch)."""
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items() if not k.startswith(PAST)}
@@ -196,7 +165,7 @@ def cached_step(sess: ort.InferenceSession, reference: nn.Module, inputs: dict[s
     """CACHE_STEP_TOKENS new tokens on the first call's presents vs PyTorch on the whole sequence."""
     batch, seq = inputs["input_ids"].shape
     new = sample_inputs(int(reference.config.vocab_size), batch, CACHE_STEP_TOKENS, seed)["input_ids"]
-    past = {PAST + k[len(PRESENT):]: v for k, v in outputs.items() if k.startswith(PRESENT)}
+    past = presents_as_past(outputs)
     full = {"input_ids": np.concatenate([inputs["input_ids"], new], axis=1),
             "attention_mask": np.ones((batch, seq + CACHE_STEP_TOKENS), dtype=np.int64)}
     step_feed = onnx_feed(sess, {"input_ids": new, "attention_mask": full["attention_mask"]}, past)
@@ -218,10 +187,8 @@ def check_greedy(graph: ExportedGraph, reference: nn.Module, tokens: int = GREED
                   min_new_tokens=tokens, pad_token_id=pad_id(reference))
     with torch.no_grad():
         expected = reference.generate(prompt, **kwargs)[:, seq:].numpy()
-    if graph.with_past:
-        actual = ort_causal_lm(graph).generate(prompt, **kwargs)[:, seq:].numpy()
-    else:
-        actual = greedy_without_cache(session(graph.model_file), prompt.numpy(), tokens, eos_ids(reference))
+    actual = greedy(session(graph.model_file), prompt.numpy(), tokens, eos_ids(reference), suppress_eos=True,
+                    pad_id=pad_id(reference))
     mismatch = np.argwhere(actual != expected) if actual.shape == expected.shape else np.zeros((1, 2), int)
     return {
         "match": len(mismatch) == 0,
@@ -231,28 +198,6 @@ def check_greedy(graph: ExportedGraph, reference: nn.Module, tokens: int = GREED
         "onnx": actual[0].tolist(),
         "torch": expected[0].tolist(),
     }
-
-
-def ort_causal_lm(graph: ExportedGraph) -> nn.Module:
-    """The export folder as optimum's ORTModelForCausalLM (what users load), on the CPU provider."""
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    return ORTModelForCausalLM.from_pretrained(graph.folder, file_name=graph.model_file.name, use_cache=True,
-                                               providers=["CPUExecutionProvider"], session_options=session_options())
-
-
-def greedy_without_cache(sess: ort.InferenceSession, prompt: np.ndarray, tokens: int,
-                         eos: list[int] | None = None) -> np.ndarray:
-    """Greedy loop re-reading the whole sequence each step (graphs without a KV cache). End-of-sequence tokens are
-    suppressed, as ``min_new_tokens=tokens`` does in ``generate``."""
-    ids = prompt.astype(np.int64)
-    for _ in range(tokens):
-        feed = onnx_feed(sess, {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                                "token_type_ids": np.zeros_like(ids)})
-        last = sess.run(["logits"], feed)[0][:, -1]  # (batch, vocab)
-        last[:, [i for i in eos or [] if i < last.shape[-1]]] = -np.inf
-        ids = np.concatenate([ids, last.argmax(axis=-1)[:, None].astype(np.int64)], axis=1)
-    return ids[:, prompt.shape[1]:]
 
 
 def eos_ids(model: nn.Module) -> list[int]:

@@ -9,8 +9,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertConfig,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    Phi3Config,
     PretrainedConfig,
     Qwen2Config,
     RobertaConfig,
@@ -18,6 +21,8 @@ from transformers import (
 
 ARCHITECTURES = ("bert", "roberta", "gpt2", "llama", "qwen2")
 DECODERS = ("gpt2", "llama", "qwen2")
+# Decoders users ask for most beyond the five above; the exporter tests cover them (not every surgery test).
+MORE_DECODERS = ("mistral", "gemma", "phi3")
 
 
 def tiny_config(arch: str) -> PretrainedConfig:
@@ -34,15 +39,22 @@ def tiny_config(arch: str) -> PretrainedConfig:
     if arch == "llama":
         return LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=64, max_position_embeddings=64, pad_token_id=0, **common)
+    decoder = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=64, max_position_embeddings=64, pad_token_id=0, **common)
     if arch == "qwen2":
-        return Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=64, max_position_embeddings=64, pad_token_id=0, **common)
+        return Qwen2Config(**decoder)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=16, **decoder)  # a window shorter than the positions: it is exercised
+    if arch == "gemma":
+        return GemmaConfig(head_dim=8, **decoder)
+    if arch == "phi3":
+        return Phi3Config(**decoder)  # fused qkv_proj and gate_up_proj
     raise ValueError(arch)
 
 
 def tiny_model(arch: str, task: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random tiny model in eval mode: seq-cls for encoders, causal-lm for decoders unless ``task`` says."""
-    task = task or ("causal-lm" if arch in DECODERS else "seq-cls")
+    task = task or ("causal-lm" if arch in DECODERS + MORE_DECODERS else "seq-cls")
     torch.manual_seed(seed)
     config = tiny_config(arch)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification

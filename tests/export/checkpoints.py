@@ -17,7 +17,7 @@ from surgery.model import load_model
 from surgery.rewrite import AdaptedModel, apply_surgery
 from tests.export.tiny_exports import word_tokenizer
 from tests.method_configs import small_method
-from tests.tiny_models import DECODERS, tiny_model
+from tests.tiny_models import DECODERS, MORE_DECODERS, tiny_model
 
 TARGETS = {
     "bert": ["query", "value"],
@@ -29,7 +29,7 @@ TARGETS = {
 
 
 def task_of(arch: str) -> str:
-    return "causal-lm" if arch in DECODERS else "seq-cls"
+    return "causal-lm" if arch in DECODERS + MORE_DECODERS else "seq-cls"
 
 
 def save_lively_base(arch: str, folder: Path, seed: int = 0) -> Path:
@@ -45,7 +45,7 @@ def save_lively_base(arch: str, folder: Path, seed: int = 0) -> Path:
             if parameter.dim() >= 2:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     model.save_pretrained(folder, safe_serialization=True)
-    word_tokenizer(encoder=arch not in DECODERS).save_pretrained(folder)
+    word_tokenizer(encoder=arch not in DECODERS + MORE_DECODERS).save_pretrained(folder)
     return folder
 
 

@@ -1,5 +1,6 @@
-"""export/exporters.py: which backend each architecture takes, the torch.onnx fallback's parity, the folders that
-optimum's ORTModel classes load, and external data in one file."""
+"""export/exporters.py: which backend each architecture takes, the torch exporter's parity with and without the KV
+cache on every supported architecture, the folders that optimum's ORTModel classes load (where the [optimum] extra is
+installed), and external data in one file."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from transformers import (
 from export.exporters import (
     EXTERNAL_DATA_FILE,
     ExportError,
+    OptimumBackend,
     choose_backend,
     export_model,
     model_task,
@@ -30,8 +32,9 @@ from export.exporters import (
 from export.verify import verify_export
 from surgery.tolerances import MODEL
 from tests.export.checkpoints import single_torch_thread  # noqa: F401  (fixture)
-from tests.export.tiny_exports import bert_encoder, lively_gpt2
-from tests.tiny_models import ARCHITECTURES, random_ids, tiny_model
+from tests.export.checkpoints import save_lively_base
+from tests.export.tiny_exports import auto_backend, bert_encoder, lively_gpt2
+from tests.tiny_models import ARCHITECTURES, DECODERS, MORE_DECODERS, random_ids, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -67,18 +70,30 @@ def unknown_decoder() -> torch.nn.Module:
     return model
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_optimum_takes_every_tiny_architecture(arch: str) -> None:
+def test_optimum_takes_every_tiny_architecture_where_installed(arch: str) -> None:
+    pytest.importorskip("optimum.exporters.onnx", reason="the [optimum] extra (compat job)")
     model = tiny_model(arch)
     assert choose_backend(model, model_task(model), log=quiet).name == "optimum"
 
 
+def test_auto_takes_the_torch_exporter_without_optimum(monkeypatch) -> None:
+    monkeypatch.setattr(OptimumBackend, "missing", staticmethod(lambda: "optimum-onnx is not installed (test)"))
+    said: list[str] = []
+    assert choose_backend(tiny_model("llama"), "causal-lm", log=said.append).name == "torch"
+    assert said == []  # nothing to fall back from
+    with pytest.raises(ExportError, match=r"optimum-onnx is not installed \(test\).*--backend torch"):
+        choose_backend(tiny_model("llama"), "causal-lm", backend="optimum", log=quiet)
+
+
 @pytest.mark.parametrize("make", [unknown_encoder, unknown_decoder])
-def test_unknown_architectures_fall_back_to_torch_onnx_and_verify(make, tmp_path: Path) -> None:
+def test_unknown_architectures_export_with_torch_and_verify(make, tmp_path: Path) -> None:
     model, said = make(), []
     graph = export_model(model, tmp_path, log=said.append)
-    assert graph.backend == "torch" and not graph.with_past
-    assert "no ONNX config" in said[0] and "falling back to torch.onnx" in said[0]
+    assert graph.backend == "torch" and not graph.with_past  # OpenAI GPT returns no cache
+    if auto_backend() == "optimum":
+        assert "no ONNX config" in said[0] and "exporting with torch.onnx" in said[0]
     parity = verify_export(graph, model, TOL)
     assert parity.passed, parity.failure()
     assert parity.greedy_match is (True if graph.task == "causal-lm" else None)
@@ -86,43 +101,71 @@ def test_unknown_architectures_fall_back_to_torch_onnx_and_verify(make, tmp_path
 
 
 def test_optimum_without_fallback_names_the_architecture(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match=r"no ONNX config for model type 'roberta-prelayernorm'.*--backend auto"):
+    why = "optimum-onnx is not installed" if OptimumBackend.missing() else (
+        "no ONNX config for model type 'roberta-prelayernorm'")
+    with pytest.raises(ExportError, match=f"{why}.*--backend auto"):
         export_model(unknown_encoder(), tmp_path, backend="optimum", log=quiet)
     with pytest.raises(ExportError, match="unknown backend 'tvm'"):
         export_model(unknown_encoder(), tmp_path, backend="tvm", log=quiet)
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-def test_torch_backend_on_known_architectures(arch: str, tmp_path: Path) -> None:
-    model = lively_gpt2() if arch == "gpt2" else tiny_model(arch)
+@pytest.mark.compat
+@pytest.mark.parametrize("arch", DECODERS + MORE_DECODERS)
+def test_decoders_export_with_the_kv_cache(arch: str, tmp_path: Path) -> None:
+    """Parity at two shapes, a cached step on each, and 20 greedy tokens on the cache equal to generate()."""
+    model = AutoModelForCausalLM.from_pretrained(save_lively_base(arch, tmp_path / "base")).eval()
+    graph = export_model(model, tmp_path / "onnx", backend="torch", log=quiet)
+    assert graph.with_past
+    inputs = [arg.name for arg in ort.InferenceSession(str(graph.model_file)).get_inputs()]
+    layers = model.config.num_hidden_layers
+    assert inputs == ["input_ids", "attention_mask", "position_ids",
+                      *[f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]]
+    parity = verify_export(graph, model, TOL)
+    assert parity.passed, parity.failure()
+    assert [case.case.startswith("cached step") for case in parity.cases] == [False, True, False, True]
+    assert parity.greedy_match is True and len(set(parity.greedy["torch"])) > 2, parity.greedy
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_encoders_export_with_torch(arch: str, tmp_path: Path) -> None:
+    model = tiny_model(arch)
     graph = export_model(model, tmp_path, backend="torch", log=quiet)
     parity = verify_export(graph, model, TOL)
     assert parity.passed, parity.failure()
-    assert len(parity.cases) == 2  # batch 1 and 3, two sequence lengths; no cache
+    assert len(parity.cases) == 2 and not graph.with_past  # batch 1 and 3, two sequence lengths
 
 
+@pytest.mark.compat
 def test_seq_cls_folder_loads_in_ort_sequence_classification(tmp_path: Path) -> None:
-    from optimum.onnxruntime import ORTModelForSequenceClassification
-
+    ort_model = pytest.importorskip("optimum.onnxruntime", reason="the [optimum] extra (compat job)")
     model = tiny_model("bert")
-    export_model(model, tmp_path, log=quiet)
+    export_model(model, tmp_path, backend="torch", log=quiet)
     inputs = encoder_inputs(2, 6)
-    ort_logits = ORTModelForSequenceClassification.from_pretrained(tmp_path)(**inputs).logits
+    ort_logits = ort_model.ORTModelForSequenceClassification.from_pretrained(tmp_path)(**inputs).logits
     with torch.no_grad():
         torch.testing.assert_close(ort_logits, model(**inputs).logits, atol=TOL.atol, rtol=TOL.rtol)
 
 
+@pytest.mark.compat
 def test_feature_extraction_folder_loads_in_ort_feature_extraction(tmp_path: Path) -> None:
-    from optimum.onnxruntime import ORTModelForFeatureExtraction
-
+    ort_model = pytest.importorskip("optimum.onnxruntime", reason="the [optimum] extra (compat job)")
     model = bert_encoder()
     graph = export_model(model, tmp_path, log=quiet)
     assert graph.task == "feature-extraction" and graph.backend == "optimum"
     inputs = encoder_inputs(3, 5)
-    hidden = ORTModelForFeatureExtraction.from_pretrained(tmp_path)(**inputs).last_hidden_state
+    hidden = ort_model.ORTModelForFeatureExtraction.from_pretrained(tmp_path)(**inputs).last_hidden_state
     with torch.no_grad():
         expected = model(**inputs).last_hidden_state
     torch.testing.assert_close(hidden, expected, atol=TOL.atol, rtol=TOL.rtol)
+    assert verify_export(graph, model, TOL).passed
+
+
+@pytest.mark.compat
+def test_feature_extraction_with_torch(tmp_path: Path) -> None:
+    model = bert_encoder()
+    graph = export_model(model, tmp_path, backend="torch", log=quiet)
+    assert graph.task == "feature-extraction"
     assert verify_export(graph, model, TOL).passed
 
 

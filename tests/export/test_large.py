@@ -1,5 +1,5 @@
 """A model past protobuf's 2 GiB: the export keeps its weights in one external file, model.onnx_data, and still
-verifies (parity and greedy decoding through ORTModelForCausalLM). Slow: ~2.1 GiB of random weights."""
+verifies (parity, a cached step and greedy decoding on the KV cache). Slow: ~2.1 GiB of random weights."""
 
 from __future__ import annotations
 

@@ -7,17 +7,17 @@ import onnxruntime as ort
 import pytest
 
 from export.latency import ProviderError, _median_ms, declared_feed, measure_latency, ort_session
-from tests.export.tiny_exports import labelled_bert, optimum_export, plain_bert_export
+from tests.export.tiny_exports import labelled_bert, plain_bert_export, project_export
 from tests.tiny_models import random_ids
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """base: optimum export (input_ids, attention_mask, token_type_ids); adapted: plain export without
+    """base: the project's export (input_ids, attention_mask, token_type_ids); adapted: plain export without
     token_type_ids, so one feed has a name one model lacks."""
     folder = tmp_path_factory.mktemp("latency")
     model = labelled_bert()
-    base = optimum_export(model, folder / "base", "text-classification", encoder=True) / "model.onnx"
+    base = project_export(model, folder / "base", encoder=True) / "model.onnx"
     return plain_bert_export(model, folder / "adapted.onnx"), base, model
 
 

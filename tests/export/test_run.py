@@ -17,7 +17,8 @@ from tests.export.tiny_exports import (
     bert_encoder,
     labelled_bert,
     lively_gpt2,
-    optimum_export,
+    project_export,
+    uncached_decoder_export,
     word_tokenizer,
 )
 
@@ -29,15 +30,15 @@ PROMPT = "the cat sat on"
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     model = labelled_bert()
-    return model, optimum_export(model, tmp_path_factory.mktemp("bert"), "text-classification", encoder=True)
+    return model, project_export(model, tmp_path_factory.mktemp("bert"), encoder=True)
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     """(torch model, folder with KV cache, folder without) of one lively tiny GPT-2."""
     model = lively_gpt2(seed=2)  # greedy from PROMPT: 10 tokens, 9 distinct (seed 0 repeats one token)
-    with_past = optimum_export(model, tmp_path_factory.mktemp("gpt2_past"), "text-generation-with-past", False)
-    no_past = optimum_export(model, tmp_path_factory.mktemp("gpt2"), "text-generation", False)
+    with_past = project_export(model, tmp_path_factory.mktemp("gpt2_past"), encoder=False)
+    no_past = uncached_decoder_export(model, tmp_path_factory.mktemp("gpt2"))
     return model, with_past, no_past
 
 
@@ -68,7 +69,7 @@ def _torch_greedy(model, prompt_ids: np.ndarray, new_tokens: int) -> np.ndarray:
 def test_greedy_generation_equals_transformers(gpt2, cache):
     model, with_past, no_past = gpt2
     pipeline = OnnxPipeline.from_dir(with_past if cache == "with_past" else no_past)
-    assert (pipeline.decoder is not None) == (cache == "with_past")  # optimum with the cache, else the plain loop
+    assert pipeline.cached == (cache == "with_past")  # one token a step on the cache, else the whole sequence
     prompt_ids = pipeline.tokenizer(PROMPT, return_tensors="np")["input_ids"]
     expected = _torch_greedy(model, prompt_ids, 10)
     assert len(set(expected[0].tolist())) > 2  # a decoding that does not just repeat one token
@@ -78,7 +79,7 @@ def test_greedy_generation_equals_transformers(gpt2, cache):
 
 def test_embed_is_masked_mean_of_hidden_states(tmp_path):
     model = bert_encoder()
-    folder = optimum_export(model, tmp_path, "feature-extraction", encoder=True)
+    folder = project_export(model, tmp_path, encoder=True)
     pipeline = OnnxPipeline.from_dir(folder)
     assert pipeline.task == "feature-extraction"
     encoded = pipeline.tokenizer(TEXTS, padding=True, return_tensors="pt")

@@ -11,22 +11,22 @@ from onnx import TensorProto, helper
 
 from export.tensorrt import TRT_ONNX_OPS, fp16_variant, op_types, suggest_profile, trt_readiness
 from surgery.tolerances import MODEL
-from tests.export.tiny_exports import labelled_bert, lively_gpt2, optimum_export
+from tests.export.tiny_exports import labelled_bert, lively_gpt2, project_export, uncached_decoder_export
 from tests.tiny_models import random_ids
 
 
 @pytest.fixture(scope="module")
 def bert_onnx(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trt_bert")
-    return optimum_export(labelled_bert(), folder, "text-classification", encoder=True) / "model.onnx"
+    return project_export(labelled_bert(), folder, encoder=True) / "model.onnx"
 
 
 @pytest.fixture(scope="module")
 def gpt2_folders(tmp_path_factory):
-    """(with KV cache, without) optimum exports of one lively tiny GPT-2."""
+    """(with KV cache, without) exports of one lively tiny GPT-2."""
     model = lively_gpt2()
-    with_past = optimum_export(model, tmp_path_factory.mktemp("gpt2_past"), "text-generation-with-past", False)
-    no_past = optimum_export(model, tmp_path_factory.mktemp("gpt2"), "text-generation", False)
+    with_past = project_export(model, tmp_path_factory.mktemp("gpt2_past"), encoder=False)
+    no_past = uncached_decoder_export(model, tmp_path_factory.mktemp("gpt2"))
     return with_past, no_past
 
 
@@ -134,7 +134,8 @@ def _fp16_check(fp32_path, fp16_path):
     ids = random_ids(2, 12).numpy()
     mask = np.ones_like(ids)
     mask[1, :3] = 0
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
+    values = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
+    feed = {arg.name: values[arg.name] for arg in ort.InferenceSession(str(fp32_path)).get_inputs()}
     reference = ort.InferenceSession(str(fp32_path)).run(["logits"], feed)[0]
     half = ort.InferenceSession(str(fp16_path), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
     tolerance = MODEL[torch.float16]

@@ -1,5 +1,6 @@
-"""Tiny exported folders for the export tests: random models from tests/tiny_models.py exported with optimum or
-plain torch.onnx.export, plus a 128-word WordLevel tokenizer (the tiny models' vocabulary size)."""
+"""Tiny exported folders for the export tests: random models from tests/tiny_models.py exported with the project's
+exporter (decoders with their KV cache), a decoder without cache, optimum's export (the [optimum] extra) or plain
+torch.onnx.export, plus a 128-word WordLevel tokenizer (the tiny models' vocabulary size)."""
 
 from __future__ import annotations
 
@@ -59,8 +60,43 @@ def lively_gpt2(seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def auto_backend() -> str:
+    """The backend ``--backend auto`` picks for the tiny architectures here: optimum where the [optimum] extra is
+    installed (the compat job), else the torch exporter."""
+    from export.exporters import OptimumBackend
+
+    return "torch" if OptimumBackend.missing() else "optimum"
+
+
+def project_export(model: torch.nn.Module, folder: Path, encoder: bool) -> Path:
+    """``export.exporters.export_model`` (torch backend: decoders with the KV cache) of ``model`` into ``folder``,
+    with the word tokenizer."""
+    from export.exporters import export_model
+
+    export_model(model, folder, opset=OPSET, backend="torch", log=lambda _: None)
+    word_tokenizer(encoder).save_pretrained(folder)
+    return folder
+
+
+def uncached_decoder_export(model: torch.nn.Module, folder: Path) -> Path:
+    """A decoder graph without cache inputs (input_ids, attention_mask -> logits), as exporters without KV-cache
+    support write them, with config.json and the word tokenizer."""
+    from export.exporters import main_output_spec
+
+    spec = main_output_spec(model, "causal-lm")
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(spec.module, spec.example, str(folder / "model.onnx"), input_names=spec.input_names,
+                          output_names=spec.output_names, dynamic_axes=spec.dynamic_axes, opset_version=OPSET,
+                          dynamo=False)
+    model.config.save_pretrained(folder)
+    word_tokenizer(encoder=False).save_pretrained(folder)
+    return folder
+
+
 def optimum_export(model: torch.nn.Module, folder: Path, task: str, encoder: bool) -> Path:
-    """optimum's ONNX export of ``model`` into ``folder`` (model.onnx, config.json), with the word tokenizer."""
+    """optimum's ONNX export of ``model`` into ``folder`` (model.onnx, config.json), with the word tokenizer; only
+    where the [optimum] extra is installed (the compat job)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     onnx_export_from_model(model, output=folder, task=task, opset=OPSET, do_validation=False)
