@@ -244,8 +244,8 @@ WATCHED = (
     ("export.onnx", "load_checkpoint"), ("export.onnx", "deployable"), ("export.onnx", "export_model"),
     ("export.onnx", "save_tokenizer"), ("export.onnx", "base_report"), ("export.onnx", "verify_export"),
     ("export.onnx", "tensorrt_section"), ("export.verify", "check_parity"), ("export.verify", "check_greedy"),
-    ("export.verify", "ort_causal_lm"), ("export.exporters", "uses_external_data"),
-    ("optimum.exporters.onnx", "onnx_export_from_model"), ("onnx", "load"), ("onnx", "save"),
+    ("export.decode", "greedy"), ("export.exporters", "uses_external_data"),
+    ("torch.onnx", "export"), ("onnx", "load"), ("onnx", "save"),
 )
 
 

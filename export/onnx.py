@@ -5,8 +5,9 @@
     python -m export.onnx runs/demo --merge --dtype fp16 --max-overhead 1.2 --out exported/
 
 Steps: load the checkpoint onto its untouched base model; fold every adapter layer (``--merge``; each fold checked
-against its layer); export with optimum-onnx where it knows the architecture (decoders with KV cache), else with
-torch.onnx; check onnxruntime against the unfolded PyTorch model (and greedy decoding for decoders); measure
+against its layer); export with torch.onnx (decoders with their KV cache; optimum-onnx instead where the [optimum]
+extra is installed and knows the architecture); check onnxruntime against the unfolded PyTorch model (a cached step
+and greedy decoding for decoders); measure
 latency against the base model exported the same way; check TensorRT readiness and an fp16 variant; write
 ``export_report.json`` and ``EXPORT_REPORT.md`` into the output folder.
 
@@ -384,8 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-overhead", type=float, metavar="X",
                         help="fail when onnxruntime latency of the export / that of the base model exceeds X")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                        help="auto: optimum-onnx where it knows the architecture, else torch.onnx; optimum or torch "
-                             "force one (optimum fails on an unknown architecture)")
+                        help="auto: optimum-onnx where the [optimum] extra is installed and knows the "
+                             "architecture, else torch.onnx (decoders with the KV cache); optimum or torch force one")
     parser.add_argument("--model-path", help="where the base model is now, if it moved since training (its weights "
                                              "must be the ones the checkpoint was trained on)")
     parser.add_argument("--base-onnx", type=Path, help="an existing ONNX export of the base model to compare latency "
