@@ -5,10 +5,13 @@ A checkpoint folder holds
 - ``adapter.safetensors``: every adapter's tensors (``adapter.<layer>.<tensor>``) and the weights of modules trained
   in full or created by the task (``module.<name>.<param>``, e.g. the seq-cls head); never a base weight;
 - ``surgery.yaml``: the resolved config (defaults filled in);
-- ``checkpoint.json``: the manifest, written last: the base model's target-weight fingerprint, hashes of the
-  tensors recomputed from the base (R-/S-LoDA's approximations) and of ``adapter.safetensors``.
+- ``checkpoint.json``: the manifest, written last: the base model's target-weight fingerprint, every adapted
+  layer's name and (d_in, d_out), hashes of the tensors recomputed from the base (R-/S-LoDA's approximations) and
+  of ``adapter.safetensors``, and the torch and transformers versions it was written with.
 
-Loading rebuilds the model from the untouched base, checks every hash, and never unpickles anything.
+Loading rebuilds the model from the untouched base, checks every hash, and never unpickles anything. A checkpoint
+loads under another transformers version (4.x <-> 5.x) as long as the model matches it; when something does not
+(a layer renamed or reshaped, other target weights), the error names both versions and the way back.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +29,10 @@ import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PretrainedConfig
 
-from surgery.config import ConfigError, dump_config, load_config
-from surgery.model import load_model
+from surgery.config import ConfigError, SurgeryConfig, dump_config, load_config
+from surgery.model import ModelLoadError, load_model
 from surgery.rewrite import AdaptedModel, apply_surgery
 
 FORMAT_VERSION = 1
@@ -62,6 +67,11 @@ def saved_modules(adapted: AdaptedModel) -> dict[str, nn.Module]:
     return modules
 
 
+def layer_shapes(adapted: AdaptedModel) -> dict[str, list[int]]:
+    """Adapted layer name -> [d_in, d_out]; loading checks them before any tensor (a renamed or reshaped layer)."""
+    return {name: [layer.d_in, layer.d_out] for name, layer in adapted.layers.items()}
+
+
 def derived_hashes(adapted: AdaptedModel) -> dict[str, str]:
     return {
         f"{name}.{key}": tensor_hash(tensor)
@@ -82,6 +92,7 @@ def save_checkpoint(adapted: AdaptedModel, folder: str | Path, extra: dict[str, 
         "method": adapted.config.method.name,
         "base_model": adapted.config.model.name_or_path,
         "base_fingerprint": adapted.base_fingerprint,
+        "layers": layer_shapes(adapted),
         "derived_hashes": derived_hashes(adapted),
         "files": {name: file_hash(folder / name) for name in (ADAPTER_FILE, CONFIG_FILE)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -155,57 +166,197 @@ def load_checkpoint(folder: str | Path, model_path: str | None = None) -> Adapte
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    overrides = {}
+    config = read_config(folder, model_path)
+    model = load_model(config.model)
+    check_rope_config(model.config, config.model.name_or_path)
     try:
-        config = load_config(folder / CONFIG_FILE)
-        if model_path is not None:
-            overrides["model"] = {**config.model.model_dump(), "name_or_path": model_path}
-            config = load_config(folder / CONFIG_FILE, overrides=overrides)
-    except ConfigError as error:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from None
-    adapted = apply_surgery(load_model(config.model), config)
+        adapted = apply_surgery(model, config)
+    except ValueError as error:  # targets that match nothing, a layer the method cannot adapt
+        raise CheckpointError(f"{folder}: " + Versions.of(manifest).explain(
+            f"its surgery does not apply to {type(model).__name__}: {error}",
+            "point model.name_or_path at the model it was trained from")) from None
+    tensors = read_tensors(folder)
+    check_layers(adapted, manifest, folder)
+    check_strays(adapted, tensors, folder, manifest)
     check_base(adapted, manifest, folder)
-    restore_tensors(adapted, read_tensors(folder), folder)
+    restore_tensors(adapted, tensors, folder, manifest)
     check_derived(adapted, manifest, folder)
     return adapted
 
 
-def check_base(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:
-    if adapted.base_fingerprint != manifest["base_fingerprint"]:
-        raise CheckpointError(
-            f"{folder}: saved against a different base model than {adapted.config.model.name_or_path!r} "
-            f"(target-weight fingerprint {manifest['base_fingerprint'][:12]}... != "
-            f"{adapted.base_fingerprint[:12]}...); point model.name_or_path at the model it was trained from"
+def read_config(folder: Path, model_path: str | None) -> SurgeryConfig:
+    try:
+        config = load_config(folder / CONFIG_FILE)
+        if model_path is not None:
+            overrides = {"model": {**config.model.model_dump(), "name_or_path": model_path}}
+            config = load_config(folder / CONFIG_FILE, overrides=overrides)
+    except ConfigError as error:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from None
+    return config
+
+
+@dataclass(frozen=True)
+class Versions:
+    """The transformers version a checkpoint was written with and the one loading it.
+
+    A checkpoint loads under another version without a word while the model matches it; an error about a
+    mismatch names both versions, since a model that changed between them is then the likely cause.
+    """
+
+    written: str | None  # None for a manifest without versions
+    loading: str
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> Versions:
+        return cls(manifest.get("versions", {}).get("transformers"), transformers.__version__)
+
+    @property
+    def differ(self) -> bool:
+        return self.written is not None and self.written != self.loading
+
+    def explain(self, problem: str, remedy: str | None = None) -> str:
+        """``problem; remedy``, led by both versions and closed by the way back when they differ."""
+        if not self.differ:
+            return f"{problem}; {remedy}" if remedy else problem
+        way_back = f"load it with transformers=={self.written} (the version it was written with)"
+        return (f"written with transformers {self.written}, loading with {self.loading}: {problem}; "
+                + (f"{remedy}, or {way_back}" if remedy else way_back))
+
+
+def major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def check_rope_config(hf_config: PretrainedConfig, name_or_path: str, installed: str | None = None) -> None:
+    """Refuse a base whose config.json a newer transformers major wrote with rotary settings this one ignores.
+
+    transformers 5 writes ``rope_parameters`` (with ``rope_theta`` inside); 4.x reads only ``rope_theta`` and
+    ``rope_scaling``, keeps the unknown key and silently runs its defaults: other outputs, same weights, same
+    fingerprint. Found on a Llama with rope_theta 500000 written under 5.24 and loaded under 4.56 (logits off by 6).
+    """
+    installed = installed or transformers.__version__
+    written = getattr(hf_config, "transformers_version", None)
+    declared = getattr(hf_config, "rope_parameters", None)
+    if not written or not isinstance(declared, dict) or major(written) <= major(installed):
+        return
+    theta, used_theta = declared.get("rope_theta"), getattr(hf_config, "rope_theta", None)
+    scaling = {key: value for key, value in declared.items() if key != "rope_theta"}
+    missing = []
+    if theta is not None and used_theta is not None and used_theta != theta:
+        missing.append(f'"rope_theta": {theta}')
+    if scaling.get("rope_type", "default") != "default" and getattr(hf_config, "rope_scaling", {}) is None:
+        missing.append(f'"rope_scaling": {json.dumps(scaling)}')
+    if missing:
+        raise ModelLoadError(
+            f"model.name_or_path: {name_or_path}: its config.json was written with transformers {written} and sets "
+            f"rope_parameters {declared}, which transformers {installed} does not read (it would run "
+            f"rope_theta={used_theta}, rope_scaling={getattr(hf_config, 'rope_scaling', None)}: other outputs than "
+            f"the model was trained with); load it with transformers>={major(written)}, or add "
+            f"{', '.join(missing)} to its config.json"
         )
+
+
+def check_layers(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:
+    """Every layer the checkpoint adapted is in the model with the same (d_in, d_out), and no other is adapted."""
+    saved = manifest.get("layers")
+    if saved is None:  # a manifest from before layers were recorded: restore_tensors still catches strays
+        return
+    now, versions = layer_shapes(adapted), Versions.of(manifest)
+    remedy = "point model.name_or_path at the model it was trained from"
+    for name, dims in saved.items():
+        if name not in now:
+            raise CheckpointError(f"{folder}: " + versions.explain(
+                f"layer {name!r} is not in the model {type(adapted.model).__name__} "
+                f"({nearest_children(adapted.model, name)})", remedy))
+        if now[name] != list(dims):
+            raise CheckpointError(f"{folder}: " + versions.explain(
+                f"layer {name!r} has (d_in, d_out) = {tuple(dims)} in the checkpoint but {tuple(now[name])} in the "
+                f"model", remedy))
+    extra = sorted(set(now) - set(saved))
+    if extra:
+        raise CheckpointError(f"{folder}: " + versions.explain(
+            f"the targets adapt {len(extra)} layer(s) the checkpoint holds no adapter for, e.g. {extra[0]!r}",
+            remedy))
+
+
+def nearest_children(model: nn.Module, name: str) -> str:
+    """What the model holds where a missing module was: the children of its nearest existing ancestor."""
+    modules = dict(model.named_modules())
+    parent = name.rpartition(".")[0]
+    while parent not in modules:  # the root, "", is always there
+        parent = parent.rpartition(".")[0]
+    children = [child for child, _ in modules[parent].named_children()]
+    shown = children[:10] + (["..."] if len(children) > 10 else [])
+    return f"{parent!r} holds {', '.join(shown)}" if parent else f"it holds {', '.join(shown)}"
+
+
+def check_base(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:
+    if adapted.base_fingerprint == manifest["base_fingerprint"]:
+        return
+    versions = Versions.of(manifest)
+    saved, now = manifest["base_fingerprint"][:12], adapted.base_fingerprint[:12]
+    fingerprints = f"target-weight fingerprint {saved}... != {now}..."
+    if versions.differ:
+        problem = (f"the target weights of {adapted.config.model.name_or_path!r} differ from those it was saved "
+                   f"against ({fingerprints}): another base model, or one this version loads differently "
+                   f"(converted, renamed or retyped weights)")
+    else:
+        problem = f"saved against a different base model than {adapted.config.model.name_or_path!r} ({fingerprints})"
+    raise CheckpointError(f"{folder}: " + versions.explain(problem, "point model.name_or_path at the model it was "
+                                                                     "trained from"))
 
 
 def check_derived(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:
     now = derived_hashes(adapted)
     for key, expected in manifest.get("derived_hashes", {}).items():
         if now.get(key) != expected:
-            raise CheckpointError(
-                f"{folder}: the frozen approximation {key} recomputed from the base differs from the one the "
-                f"adapter was trained on; use the same base model and library versions ({manifest['versions']})"
-            )
+            raise CheckpointError(f"{folder}: " + Versions.of(manifest).explain(
+                f"the frozen approximation {key} recomputed from the base differs from the one the adapter was "
+                f"trained on", f"use the same base model and library versions ({manifest.get('versions')})"))
 
 
-def restore_tensors(adapted: AdaptedModel, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+def restore_tensors(adapted: AdaptedModel, tensors: dict[str, torch.Tensor], folder: Path,
+                    manifest: dict[str, Any] | None = None) -> None:
     """Load adapter and module tensors into an adapted model; every tensor must find its place."""
-    used: set[str] = set()
+    versions = Versions.of(manifest or {})
+    check_strays(adapted, tensors, folder, manifest or {})
     for name, layer in adapted.layers.items():
-        prefix = f"adapter.{name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        used.update(prefix + k for k in state)
         try:
-            layer.load_adapter_state(state)
-        except KeyError as error:
+            layer.load_adapter_state(sub_state(tensors, f"adapter.{name}."))
+        except KeyError as error:  # a tensor missing or unexpected: the message names the layer
             raise CheckpointError(f"{folder / ADAPTER_FILE}: {error.args[0]}") from None
+        except ValueError as error:  # a method's own shape check; its message names the layer
+            raise CheckpointError(f"{folder / ADAPTER_FILE}: " + versions.explain(one_line(error))) from None
+        except RuntimeError as error:  # torch: a tensor whose shape does not fit
+            raise CheckpointError(f"{folder / ADAPTER_FILE}: " + versions.explain(
+                f"layer {name!r}: {one_line(error)}", "load it with the rank and base model it was saved with"
+            )) from None
         layer.on_checkpoint_loaded()
     for name, module in saved_modules(adapted).items():
-        prefix = f"module.{name}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        used.update(prefix + k for k in state)
-        module.load_state_dict(state, strict=True)
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise CheckpointError(f"{folder / ADAPTER_FILE}: tensors match no layer of this model: {unused[:5]}")
+        try:
+            module.load_state_dict(sub_state(tensors, f"module.{name}."), strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"{folder / ADAPTER_FILE}: " + versions.explain(
+                f"module {name!r}: {one_line(error)}", "load it with the base model and num_labels it was saved with"
+            )) from None
+
+
+def check_strays(adapted: AdaptedModel, tensors: dict[str, torch.Tensor], folder: Path,
+                 manifest: dict[str, Any]) -> None:
+    """Every tensor belongs to an adapted layer or a saved module of this model (names a renamed layer even
+    when the manifest predates the recorded layers)."""
+    prefixes = tuple([f"adapter.{name}." for name in adapted.layers] +
+                     [f"module.{name}." for name in saved_modules(adapted)])
+    stray = sorted(key for key in tensors if not key.startswith(prefixes))
+    if stray:
+        raise CheckpointError(f"{folder / ADAPTER_FILE}: " + Versions.of(manifest).explain(
+            f"tensors match no layer of this model: {stray[:5]}",
+            "point model.name_or_path at the model it was trained from"))
+
+
+def sub_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix):]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
