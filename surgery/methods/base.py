@@ -222,7 +222,22 @@ class AdapterLayer(nn.Module, ABC):
 
     @abstractmethod
     def fold(self) -> Fold:
-        """Fold what merges into the static weight (accumulating in float32 or float64, rounding once)."""
+        """Fold what merges into the static weight (accumulating in float32 or float64, rounding once).
+
+        The module comes back in the base dtype: ``merge_base`` upcast exactly to :meth:`fold_dtype`, plus
+        ``static_update(fold_dtype())``, rounded once (``merged_layer``). ``export.fold`` folds an exactly upcast copy
+        of the layer when it wants another output dtype, so a method never rounds for it."""
+
+    @abstractmethod
+    def static_update(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The dense (d_out, d_in) update the fold adds to :attr:`merge_base`, computed in ``dtype`` from the adapter's
+        tensors (the fold's own dtype; float64 for the export report's reference). None when the fold merges nothing
+        into a dense weight (R-LoDA keeps factors, S-LoDA with 2:4 keeps W_s sparse)."""
+
+    @property
+    def merge_base(self) -> torch.Tensor:
+        """The stored (d_out, d_in) weight a dense fold adds :meth:`static_update` to: W0 (S-LoDA: its pruned W_s)."""
+        return self.base_weight
 
     # ---- helpers for folds -------------------------------------------------------------------------
     def fold_dtype(self) -> torch.dtype:
@@ -230,8 +245,9 @@ class AdapterLayer(nn.Module, ABC):
         return torch.float64 if self.base_weight.dtype == torch.float64 else torch.float32
 
     def merged_layer(self, delta_weight: torch.Tensor) -> nn.Module:
-        """The base layer's type with ``W0 + delta_weight`` (delta in the fold dtype), rounded once."""
-        w0 = self.base_weight.detach().to(delta_weight.dtype)
+        """The base layer's type with ``merge_base + delta_weight`` (delta in the fold dtype; the stored weight upcast
+        exactly to it), rounded once to the base dtype."""
+        w0 = self.merge_base.detach().to(delta_weight.dtype)
         return build_like(self.base, w0 + delta_weight, self.base_bias, dtype=self.base_weight.dtype)
 
     def extra_repr(self) -> str:
@@ -248,6 +264,11 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.static(x) + self.residual(x)
+
+    @property
+    def static_weight(self) -> torch.Tensor:
+        """``W'`` (d_out, d_in): the static layer's weight, what the fold merged."""
+        return weight_out_in(self.static)
 
 
 def kaiming_(tensor: torch.Tensor) -> torch.Tensor:

@@ -188,9 +188,9 @@ class C3LALayer(CLALayer):
         self.apply_pending_links()
 
     # ---- fold --------------------------------------------------------------------------------------
-    def fold_delta(self) -> torch.Tensor:
-        """(d_out, d_in): the current B plus every recorded link the base does not hold yet."""
-        dense = super().fold_delta()
+    def static_update(self, dtype: torch.dtype) -> torch.Tensor:
+        """(d_out, d_in) in ``dtype``: the current B plus every recorded link the base does not hold yet."""
+        dense = super().static_update(dtype)
         for j in range(self.links_in_base, self.n_links):
             dense += column_update(self.link_idx[j], self.link_delta[j].to(dense.dtype), self.d_in)
         return dense

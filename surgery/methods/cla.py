@@ -110,15 +110,14 @@ class CLALayer(AdapterLayer):
 
     def fold(self) -> Fold:
         return Fold(
-            module=self.merged_layer(self.fold_delta()),
+            module=self.merged_layer(self.static_update(self.fold_dtype())),
             residual=None,
             note="dense (W[:, idx] += s B)",
             macs_per_token=self.d_in * self.d_out,
         )
 
-    def fold_delta(self) -> torch.Tensor:
-        """(d_out, d_in) in the fold dtype: what the fold adds to the current base weight."""
-        dtype = self.fold_dtype()
+    def static_update(self, dtype: torch.dtype) -> torch.Tensor:
+        """(d_out, d_in) in ``dtype``: what the fold adds to the current base weight, s B at the columns idx."""
         columns = self.scaling * self.cla_B.detach().to(dtype)  # (d_out, r)
         return column_update(self.cla_idx, columns, self.d_in)
 

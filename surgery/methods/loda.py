@@ -124,9 +124,8 @@ class LoDALayer(AdapterLayer):
         return Macs(base=d_in * d_out, adapter=adapter_macs(d_in, d_out, config))
 
     # ---- fold --------------------------------------------------------------------------------------
-    def low_rank_weight(self) -> torch.Tensor:
-        """s B A in the fold dtype: (d_out, d_in)."""
-        dtype = self.fold_dtype()
+    def static_update(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """s B A in ``dtype``: (d_out, d_in); the non-linear path stays as the residual."""
         return self.scaling * (self.loda_B.detach().to(dtype) @ self.loda_A.detach().to(dtype))
 
     def frozen_adapter(self, with_linear: bool) -> LoDAResidual:
@@ -139,7 +138,7 @@ class LoDALayer(AdapterLayer):
     def fold(self) -> Fold:
         residual = self.frozen_adapter(with_linear=False)
         return Fold(
-            module=ResidualLayer(self.merged_layer(self.low_rank_weight()), residual),
+            module=ResidualLayer(self.merged_layer(self.static_update(self.fold_dtype())), residual),
             residual=residual.describe(),
             note="dense",
             macs_per_token=self.d_in * self.d_out + residual_macs(self.d_in, self.d_out, self.config),

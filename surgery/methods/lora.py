@@ -55,11 +55,13 @@ class LoRALayer(AdapterLayer):
     def macs_per_token(cls, d_in: int, d_out: int, config: MethodConfig) -> Macs:
         return Macs(base=d_in * d_out, adapter=config.r * (d_in + d_out))
 
+    def static_update(self, dtype: torch.dtype) -> torch.Tensor:
+        """s B A: (d_out, d_in) in ``dtype``."""
+        return self.scaling * (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype))
+
     def fold(self) -> Fold:
-        dtype = self.fold_dtype()
-        delta_weight = self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))  # (d_out, d_in)
         return Fold(
-            module=self.merged_layer(delta_weight),
+            module=self.merged_layer(self.static_update(self.fold_dtype())),
             residual=None,
             note="dense",
             macs_per_token=self.d_in * self.d_out,

@@ -116,13 +116,15 @@ class PERALayer(AdapterLayer):
         return Macs(base=d_in * d_out, adapter=min(k * (d_in + d_out), d_in * d_out))
 
     # ---- fold --------------------------------------------------------------------------------------
-    def fold(self) -> Fold:
-        dtype = self.fold_dtype()
+    def static_update(self, dtype: torch.dtype) -> torch.Tensor:
+        """s B^ A^: (d_out, d_in) in ``dtype``."""
         with torch.no_grad():
             a_hat, b_hat = self.expanded_factors(dtype)
-            delta_weight = self.scaling * (b_hat @ a_hat)  # (d_out, d_in)
+            return self.scaling * (b_hat @ a_hat)
+
+    def fold(self) -> Fold:
         return Fold(
-            module=self.merged_layer(delta_weight),
+            module=self.merged_layer(self.static_update(self.fold_dtype())),
             residual=None,
             note="dense",
             macs_per_token=self.d_in * self.d_out,

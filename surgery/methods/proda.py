@@ -110,15 +110,20 @@ class ProDALayer(AdapterLayer):
         return Macs(base=d_in * d_out, adapter=low_rank + controller + profile + combine)
 
     # ---- fold --------------------------------------------------------------------------------------
-    def fold(self) -> Fold:
-        dtype = self.fold_dtype()
+    def static_update(self, dtype: torch.dtype) -> torch.Tensor:
+        """s B A + P + gamma_g s (B A (.) P): (d_out, d_in) in ``dtype``, the static part of gamma included."""
         lora_A, lora_B = self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
         col, row = self.profile_col.detach().to(dtype), self.profile_row.detach().to(dtype)
         ba = lora_B @ lora_A  # (d_out, d_in)
         profile = col.unsqueeze(1) + row.unsqueeze(0)  # P: (d_out, d_in); the fold forms W' anyway
         gamma_global = self.gamma_global.detach().to(dtype)
-        delta_weight = self.scaling * ba + profile + gamma_global * self.scaling * (ba * profile)
-        static = self.merged_layer(delta_weight)
+        return self.scaling * ba + profile + gamma_global * self.scaling * (ba * profile)
+
+    def fold(self) -> Fold:
+        dtype = self.fold_dtype()
+        lora_A, lora_B = self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
+        col, row = self.profile_col.detach().to(dtype), self.profile_row.detach().to(dtype)
+        static = self.merged_layer(self.static_update(dtype))
         folded = ProDAFolded.from_factors(
             weight_out_in(static).detach(), self.base_bias, lora_A, lora_B, col, row,
             self.controller_down.detach().to(dtype), self.controller_up.detach().to(dtype), self.scaling,

@@ -123,6 +123,10 @@ class RLoDALayer(ApproxLoDALayer):
     def macs_per_token(cls, d_in: int, d_out: int, config: MethodConfig) -> Macs:
         return Macs(base=config.approx_rank * (d_in + d_out), adapter=adapter_macs(d_in, d_out, config))
 
+    def static_update(self, dtype: torch.dtype) -> None:
+        """None: the fold keeps the rank-R factors and s B A as two thin matmuls, no dense weight."""
+        return None
+
     def fold(self) -> Fold:
         dtype, out_dtype = self.fold_dtype(), self.base_weight.dtype
         A, M1, M2, B = (t.detach().to(dtype) for t in (self.loda_A, self.loda_M1, self.loda_M2, self.loda_B))

@@ -146,14 +146,21 @@ class SLoDALayer(ApproxLoDALayer):
         if self.config.pattern == "2:4":
             return self._fold_sparse()
         residual = self.frozen_adapter(with_linear=False)
-        merged = self.pruned_weight.to(self.fold_dtype()) + self.low_rank_weight()  # W_s + s B A: (d_out, d_in)
         return Fold(
-            module=ResidualLayer(build_like(self.base, merged, self.base_bias, dtype=self.base_weight.dtype),
-                                 residual),
+            module=ResidualLayer(self.merged_layer(self.static_update(self.fold_dtype())), residual),  # W_s + s B A
             residual=residual.describe(),
             note="dense",
             macs_per_token=self.d_in * self.d_out + residual_macs(self.d_in, self.d_out, self.config),
         )
+
+    @property
+    def merge_base(self) -> torch.Tensor:
+        """W_s: the dense fold adds s B A to the pruned weight, not to W0."""
+        return self.pruned_weight
+
+    def static_update(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """s B A (unstructured); None with 2:4, whose fold keeps W_s sparse and the adapter unmerged."""
+        return None if self.config.pattern == "2:4" else super().static_update(dtype)
 
     def _fold_sparse(self) -> Fold:
         """W_s stays a static 2:4-sparse layer; the adapter runs beside it unmerged."""
