@@ -31,11 +31,12 @@ import onnx
 import torch
 from torch import nn
 
+from export.weights import PROTOBUF_LIMIT, attach_weights, named_parameters, stand_in_parameters
+
 SEQ_CLS, CAUSAL_LM, FEATURES = "seq-cls", "causal-lm", "feature-extraction"
 OPTIMUM_TASKS = {SEQ_CLS: "text-classification", CAUSAL_LM: "text-generation", FEATURES: "feature-extraction"}
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"  # optimum's name: the graph file's name + "_data"
-PROTOBUF_LIMIT = 2**31  # one serialised ModelProto must stay below 2 GiB
 TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 8, 3  # the torch backend's example input (and cached
 # positions); verification uses other shapes
 
@@ -68,8 +69,10 @@ class Backend(Protocol):
     def unsupported(self, model: nn.Module, task: str) -> str | None:
         """Why this backend cannot export ``model`` for ``task``; None when it can."""
 
-    def export(self, model: nn.Module, folder: Path, task: str, opset: int) -> ExportedGraph:
-        """Write ``folder/model.onnx`` (+ ``model.onnx_data``) and return where it went."""
+    def export(self, model: nn.Module, folder: Path, task: str, opset: int,
+               dtype: torch.dtype = torch.float32) -> ExportedGraph:
+        """Write ``folder/model.onnx`` (+ ``model.onnx_data``) with weights in ``dtype`` (float32 inputs and
+        outputs either way) and return where it went."""
 
 
 # ---- which task ---------------------------------------------------------------------------------------------------
@@ -133,7 +136,9 @@ class OptimumBackend:
                     f"{OPTIMUM_TASKS[task]!r}")
         return None
 
-    def export(self, model: nn.Module, folder: Path, task: str, opset: int) -> ExportedGraph:
+    def export(self, model: nn.Module, folder: Path, task: str, opset: int,
+               dtype: torch.dtype = torch.float32) -> ExportedGraph:
+        """optimum's float32 export (of a float32 model), converted afterwards when ``dtype`` is float16."""
         from optimum.exporters.onnx import onnx_export_from_model
 
         optimum_task = self.optimum_task(model, task)
@@ -148,7 +153,19 @@ class OptimumBackend:
         if not path.is_file():
             raise ExportError(f"optimum-onnx wrote no {MODEL_FILE} into {folder} "
                               f"(found {sorted(p.name for p in folder.glob('*.onnx'))})")
+        if dtype == torch.float16:
+            to_float16_in_place(path)
         return ExportedGraph(folder, path, self.name, task, optimum_task.endswith("-with-past"), opset)
+
+
+def to_float16_in_place(path: Path) -> None:
+    """Replace the graph at ``path`` by its float16 conversion (float32 inputs and outputs)."""
+    from export.tensorrt import fp16_variant
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fp16.") as scratch:
+        converted = fp16_variant(path, Path(scratch) / path.name)
+        path.with_name(path.name + "_data").unlink(missing_ok=True)
+        save_single_file(converted, path)
 
 
 # ---- torch.onnx ---------------------------------------------------------------------------------------------------
@@ -291,13 +308,13 @@ def cached_decoder_spec(model: nn.Module, cache: CacheShape) -> TraceSpec:
     ids = trace_inputs(model, ["input_ids"])[0]
     mask = torch.ones(TRACE_BATCH, TRACE_PAST + TRACE_SEQUENCE, dtype=torch.long)
     positions = torch.arange(TRACE_PAST, TRACE_PAST + TRACE_SEQUENCE).expand(TRACE_BATCH, -1)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     axes = {"input_ids": BATCH_SEQ, "position_ids": BATCH_SEQ, "logits": BATCH_SEQ,
             "attention_mask": {0: "batch_size", 1: TOTAL_SEQUENCE}}
     axes.update({name: {0: "batch_size", 2: "past_sequence_length"} for name in past_names})
     axes.update({name: {0: "batch_size", 2: TOTAL_SEQUENCE} for name in present_names})
-    return TraceSpec(CausalLMWithCache(model).eval(), (ids, mask, positions, *cache.example(TRACE_BATCH, TRACE_PAST,
-                     dtype)), ["input_ids", "attention_mask", "position_ids", *past_names],
+    past = cache.example(TRACE_BATCH, TRACE_PAST, torch.float32)  # traced in float32 (export.weights)
+    return TraceSpec(CausalLMWithCache(model).eval(), (ids, mask, positions, *past),
+                     ["input_ids", "attention_mask", "position_ids", *past_names],
                      ["logits", *present_names], axes, with_past=True)
 
 
@@ -313,20 +330,36 @@ class TorchOnnxBackend:
         cache = CacheShape.probe(model) if task == CAUSAL_LM else None
         return cached_decoder_spec(model, cache) if cache else main_output_spec(model, task)
 
-    def export(self, model: nn.Module, folder: Path, task: str, opset: int) -> ExportedGraph:
-        spec = self.trace_spec(model, task)
+    def export(self, model: nn.Module, folder: Path, task: str, opset: int,
+               dtype: torch.dtype = torch.float32) -> ExportedGraph:
+        """Trace without weights (``export.weights``), convert the small weightless graph to ``dtype``, then write
+        the weights tensor by tensor in ``dtype``: the model's weights exist once in memory throughout."""
         with tempfile.TemporaryDirectory(dir=folder, prefix=".torch_onnx.") as scratch:
             traced = Path(scratch) / MODEL_FILE
             try:
-                with torch.no_grad(), quiet_export(), traceable_masks():
+                with torch.no_grad(), quiet_export(), traceable_masks(), stand_in_parameters(model):
+                    spec = self.trace_spec(model, task)  # the cache probe too runs on the float32 stand-ins
                     torch.onnx.export(spec.module, spec.example, str(traced), input_names=spec.input_names,
                                       output_names=spec.output_names, dynamic_axes=spec.dynamic_axes,
-                                      opset_version=opset, do_constant_folding=True, dynamo=False)
+                                      opset_version=opset, export_params=False, do_constant_folding=False,
+                                      dynamo=False)
             except Exception as error:  # tracing raises many types; re-raised with the model and the first line
                 raise export_failure("torch.onnx.export", model, error) from error
-            save_single_file(traced, folder / MODEL_FILE)
+            weightless = onnx.load(str(traced))
+        if dtype == torch.float16:
+            weightless = float16_graph(weightless)
+        attach_weights(weightless, named_parameters(spec.module), folder / MODEL_FILE, dtype)
         save_configs(model, folder)
         return ExportedGraph(folder, folder / MODEL_FILE, self.name, task, spec.with_past, opset)
+
+
+def float16_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's float16 conversion of a weightless graph: float inputs and outputs stay float32 (weight inputs
+    too, each behind a Cast that ``attach_weights`` replaces by a float16 initializer); ops on the converter's block
+    list stay float32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True, op_block_list=sorted(DEFAULT_OP_BLOCK_LIST))
 
 
 @contextmanager
@@ -456,14 +489,17 @@ def choose_backend(model: nn.Module, task: str, backend: str = "auto", log: Log 
 
 def export_model(
     model: nn.Module, folder: str | Path, opset: int = 18, backend: str = "auto", task: str | None = None,
-    log: Log = print,
+    log: Log = print, dtype: torch.dtype = torch.float32,
 ) -> ExportedGraph:
-    """Export ``model`` into ``folder`` with ``backend`` (auto | optimum | torch)."""
+    """Export ``model`` into ``folder`` with ``backend`` (auto | optimum | torch), weights in ``dtype`` (float32 or
+    float16)."""
+    if dtype not in (torch.float32, torch.float16):
+        raise ExportError(f"cannot write ONNX weights in {dtype}; use torch.float32 or torch.float16")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     task = task or model_task(model)
     chosen = choose_backend(model, task, backend, log)
-    return chosen.export(model.eval(), folder, task, opset)
+    return chosen.export(model.eval(), folder, task, opset, dtype)
 
 
 @contextmanager

@@ -3,28 +3,37 @@
 Each method's ``fold()`` hands back a drop-in module (a plain Linear/Conv1D where everything merged, otherwise the
 folded static part plus a residual). Here, generically and without knowing method names:
 
-- the folded module must reproduce the unfolded layer on random inputs N(0, 1) in the layer's dtype within
-  ``surgery.tolerances.LAYER``; a layer that does not stops the fold with a :class:`FoldError` naming it;
-- the folded model is a new module tree that shares every tensor the fold did not touch with the unfolded model
-  (embeddings, norms, heads), so folding costs only the new weights, and the unfolded model stays usable as the
-  reference for verification;
+- every fold is computed in float32 (float64 for float64 layers) from the stored weights upcast exactly and rounded
+  once to the output dtype: the layer's base dtype by default, or the ``dtype`` asked for. With a half-precision base,
+  a float32 fold is ``W0 + delta`` unrounded (what an fp32 export carries), a float16 fold one rounding of it to
+  float16, a bfloat16 fold one rounding to bfloat16; no method rounds the delta before adding it;
+- the folded module must reproduce the unfolded layer on random inputs N(0, 1) within ``surgery.tolerances.LAYER`` of
+  the output dtype, both run in the accumulation dtype (the unfolded layer with its weights upcast exactly), so the
+  check sees the fold's own rounding and nothing else; a layer that does not stops the fold with a
+  :class:`FoldError` naming it;
+- each record gives the merged weight's error against float64 (``W0`` and ``delta`` in float64) next to the error
+  of PEFT's way to merge, ``W0 + delta.to(W0.dtype)`` in the base dtype (two roundings), stored in the same dtype:
+  ours is never worse;
+- ``fold_in_place`` replaces the layers of the model itself, one at a time (the export's way: one copy of the
+  weights); ``fold_model`` builds a new module tree that shares every tensor the fold did not touch (embeddings,
+  norms, heads), so the unfolded model stays usable beside it;
 - folding a model without adapter layers (an already folded one) does nothing.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from surgery.layers import ADAPTABLE_TYPES, layer_dims
+from surgery.layers import ADAPTABLE_TYPES, is_adaptable, layer_dims, weight_out_in
 from surgery.methods.base import AdapterLayer
 from surgery.rewrite import AdaptedModel, adapter_layers
-from surgery.tolerances import layer_tolerance
+from surgery.tolerances import Tolerance, layer_tolerance
 
 CHECK_TOKENS = 64  # random input rows per layer for the fold check
 
@@ -46,6 +55,11 @@ class LayerFold:
     macs_per_token: int  # of the deployed layer (folded, or base + unmerged adapter)
     base_macs_per_token: int  # of the original dense layer, d_in d_out
     sparse_2_4: bool  # a deployed weight keeps 2 of every 4 consecutive inputs (TensorRT sparse weights)
+    base_dtype: str | None = None  # dtype of the stored base weight W0
+    weight_dtype: str | None = None  # dtype the folded weights are stored in (one rounding from float32)
+    # max |W' - (W0 + delta)| over the merged weight, the reference in float64; None where nothing merges densely
+    weight_error: float | None = None  # ours: W' as stored in the folded module
+    peft_weight_error: float | None = None  # PEFT's merge: W0 + delta.to(W0.dtype), added in W0's dtype
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,57 +73,160 @@ class FoldedModel:
     layers: list[LayerFold]
 
 
-def fold_model(model: AdaptedModel | nn.Module, seed: int = 0, check_tokens: int = CHECK_TOKENS) -> FoldedModel:
-    """Fold every adapter layer of ``model`` (an :class:`AdaptedModel` or its ``.model``).
+def fold_model(model: AdaptedModel | nn.Module, seed: int = 0, check_tokens: int = CHECK_TOKENS,
+               dtype: torch.dtype | None = None) -> FoldedModel:
+    """Fold every adapter layer of ``model`` (an :class:`AdaptedModel` or its ``.model``) into a new module tree.
 
-    Returns a new module tree with each adapter layer replaced by its fold; the input is left unchanged. Raises
-    :class:`FoldError` at the first layer whose fold changes its output beyond ``LAYER[dtype]``.
+    The input is left unchanged (its tensors are shared, not copied; see :func:`fold_in_place` for the export's
+    one-copy fold). ``dtype``: the folded layers' dtype (default: each layer's base dtype, a model PyTorch runs as it
+    is); every other module keeps its tensors, so with another ``dtype`` the model has mixed dtypes (the exporters
+    write each weight in the export's dtype). Raises :class:`FoldError` at the first layer whose fold changes its
+    output beyond ``LAYER[dtype]``, ValueError where a folded weight overflows ``dtype``.
     """
     module = model.model if isinstance(model, AdaptedModel) else model
     layers = adapter_layers(module)
     if not layers:
         return FoldedModel(module, [])
     folded = tensor_sharing_copy(module, keep=layers.values())
-    generator = torch.Generator().manual_seed(seed)
-    records = []
-    for name, layer in layers.items():
-        replacement, record = fold_layer(name, layer, generator, check_tokens)
-        folded.set_submodule(name, replacement)
-        records.append(record)
+    del layers
+    records = fold_in_place(folded, seed, check_tokens, dtype)
     return FoldedModel(folded.eval(), records)
 
 
+def fold_in_place(model: nn.Module, seed: int = 0, check_tokens: int = CHECK_TOKENS, dtype: torch.dtype | None = None,
+                  before_replacing: Callable[[str, LayerFold], None] | None = None) -> list[LayerFold]:
+    """Replace every adapter layer of ``model`` by its fold, one layer at a time; returns the records.
+
+    Only layer names are held across iterations, so each unfolded layer is freed as soon as its fold takes its place:
+    the peak is the model plus one layer's new weights. ``before_replacing(name, record)`` may raise to stop before a
+    layer is replaced (``export.hf`` refuses residual paths). Errors as :func:`fold_model`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for name in list(adapter_layers(model)):
+        layer = model.get_submodule(name)
+        replacement, record = fold_layer(name, layer, generator, check_tokens, dtype)
+        del layer
+        if before_replacing is not None:
+            before_replacing(name, record)
+        model.set_submodule(name, replacement)
+        records.append(record)
+    return records
+
+
 def fold_layer(
-    name: str, layer: AdapterLayer, generator: torch.Generator, check_tokens: int = CHECK_TOKENS
+    name: str, layer: AdapterLayer, generator: torch.Generator, check_tokens: int = CHECK_TOKENS,
+    dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, LayerFold]:
-    """The folded module of one layer and its record, after checking it against the unfolded layer."""
+    """The folded module of one layer in ``dtype`` (default: the base dtype) and its record, after checking it
+    against the unfolded layer."""
+    out_dtype = dtype or layer.base_weight.dtype
+    accumulate = accumulation_dtype(layer, out_dtype)
+    tol = layer_tolerance(out_dtype)
     with torch.no_grad(), evaluating(layer):
-        fold = layer.fold()
-        x = torch.randn(check_tokens, layer.d_in, generator=generator).to(layer.base_weight.dtype)
-        error, within = fold_error(layer, fold.module.eval(), x.to(layer.device))
+        exact = cast_copy(layer, accumulate)  # the layer itself unless a tensor needs upcasting
+        fold = exact.fold()
+        check_range(name, layer, fold.module, out_dtype)
+        module = fold.module.to(out_dtype).eval()  # the one rounding (none when out_dtype is the accumulation's)
+        x = torch.randn(check_tokens, layer.d_in, generator=generator).to(layer.device, accumulate)
+        error, within = fold_error(exact, cast_copy(module, accumulate), x, tol)
+        weight_error, peft_weight_error = merge_errors(name, layer, module)
     if not within:
-        tol = layer_tolerance(layer.base_weight.dtype)
         raise FoldError(
             f"layer {name!r} ({layer.config.name}): the folded module differs from the unfolded layer by "
-            f"max |diff| = {error:.3g} on N(0, 1) inputs (tolerance for {dtype_name(layer.base_weight.dtype)}: "
+            f"max |diff| = {error:.3g} on N(0, 1) inputs (tolerance for {dtype_name(out_dtype)}: "
             f"atol {tol.atol:g}, rtol {tol.rtol:g}); the fold stops here and nothing is exported. This is a bug in "
             f"the method's fold(): check it against the layer's forward"
         )
     record = LayerFold(
         name=name, method=layer.config.name, folded=True, residual=fold.residual, note=fold.note,
         fold_error=error, macs_per_token=fold.macs_per_token, base_macs_per_token=layer.d_in * layer.d_out,
-        sparse_2_4=any(is_2_4_sparse(w) for w in matrices(fold.module)),
+        sparse_2_4=any(is_2_4_sparse(w) for w in matrices(module)), base_dtype=dtype_name(layer.base_weight.dtype),
+        weight_dtype=dtype_name(out_dtype), weight_error=weight_error, peft_weight_error=peft_weight_error,
     )
-    return fold.module.requires_grad_(False), record
+    return module.requires_grad_(False), record
 
 
-def fold_error(layer: AdapterLayer, folded: nn.Module, x: torch.Tensor) -> tuple[float, bool]:
-    """(max |folded(x) - layer(x)|, whether every element is within LAYER[dtype]) for x: (n, d_in)."""
-    expected, actual = layer(x), folded(x)
-    tol = layer_tolerance(expected.dtype)
+def fold_error(reference: nn.Module, folded: nn.Module, x: torch.Tensor, tol: Tolerance) -> tuple[float, bool]:
+    """(max |folded(x) - reference(x)|, whether every element is within ``tol``) for x: (n, d_in)."""
+    expected, actual = reference(x), folded(x)
     diff = (actual.double() - expected.double()).abs()
     within = bool((diff <= tol.atol + tol.rtol * expected.double().abs()).all())
     return float(diff.max()), within
+
+
+# ---- precision ----------------------------------------------------------------------------------------------------
+def accumulation_dtype(layer: AdapterLayer, out_dtype: torch.dtype) -> torch.dtype:
+    """float64 where the layer or the output is float64 (tests), float32 otherwise (half bases included)."""
+    dtypes = {t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()} | {out_dtype}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def cast_copy(module: nn.Module, dtype: torch.dtype, cache: dict[int, torch.Tensor] | None = None) -> nn.Module:
+    """``module`` with every floating tensor in ``dtype``: the module itself when they all are, else a copy whose other
+    tensors are shared (an upcast from half precision is exact, so the copy computes with the stored values).
+
+    ``cache`` (by ``id`` of the original tensor; valid while the originals live) lets two calls share the converted
+    tensors, e.g. a float32 reference and the float32 copy of a folded model that shares the unfolded one's tensors.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return module
+    cache = {} if cache is None else cache
+    memo: dict[int, object] = {}
+    for tensor in tensors:
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            memo[id(tensor)] = tensor
+            continue
+        if id(tensor) not in cache:
+            converted = tensor.detach().to(dtype)
+            if isinstance(tensor, nn.Parameter):
+                converted = nn.Parameter(converted, requires_grad=tensor.requires_grad)
+            cache[id(tensor)] = converted
+        memo[id(tensor)] = cache[id(tensor)]
+    return copy.deepcopy(module, memo)
+
+
+def check_range(name: str, layer: AdapterLayer, folded: nn.Module, out_dtype: torch.dtype) -> None:
+    """A ValueError naming the layer when a folded tensor (still in the accumulation dtype) overflows ``out_dtype``."""
+    tensors = [t for t in (*folded.parameters(), *folded.buffers()) if t.is_floating_point() and t.numel()]
+    largest = max((float(t.detach().abs().max()) for t in tensors), default=0.0)
+    limit = torch.finfo(out_dtype).max
+    if largest > limit:
+        raise ValueError(
+            f"layer {name!r} ({layer.config.name}): the folded weights reach |w| = {largest:.4g}, beyond "
+            f"{dtype_name(out_dtype)}'s largest value {limit:.4g}; export with --dtype fp32 (or a dtype with the range)"
+        )
+
+
+def merge_errors(name: str, layer: AdapterLayer, folded: nn.Module) -> tuple[float | None, float | None]:
+    """(ours, PEFT's): max |W' - (W0 + delta)| with the reference in float64, for the folded module's W' and for
+    PEFT's merge ``W0 + delta.to(W0.dtype)`` (the delta rounded to W0's dtype first, then added in it) stored in the
+    same dtype as ours. None, None where the fold merges nothing into a dense weight. ``W0`` is the layer's
+    ``merge_base``, delta its ``static_update``: in float64 for the reference, in the fold's float32 for PEFT's merge.
+
+    Both end on the output dtype's grid, and ours is the grid point nearest the float32 sum (one rounding), so ours is
+    never further from the reference than PEFT's, up to float32's own rounding of the sum (~1e-7 relative) in the
+    rare element that lies that close to a tie."""
+    update = layer.static_update(torch.float64)
+    if update is None:
+        return None, None
+    base = layer.merge_base.detach()
+    exact = base.double() + update
+    ours = static_weight(name, folded)
+    peft = (base + layer.static_update(layer.fold_dtype()).to(base.dtype)).to(ours.dtype)
+    return float((ours.double() - exact).abs().max()), float((peft.double() - exact).abs().max())
+
+
+def static_weight(name: str, folded: nn.Module) -> torch.Tensor:
+    """``W'`` (d_out, d_in) as the folded module stores it: a plain layer's weight, or its ``static_weight``."""
+    if is_adaptable(folded):
+        return weight_out_in(folded)
+    weight = getattr(folded, "static_weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise FoldError(f"layer {name!r}: the fold merged a dense update (static_update) but its module "
+                        f"{type(folded).__name__} has no static_weight to read it back from")
+    return weight
 
 
 def unfolded_layers(model: AdaptedModel | nn.Module) -> list[LayerFold]:
@@ -121,7 +238,7 @@ def unfolded_layers(model: AdaptedModel | nn.Module) -> list[LayerFold]:
         records.append(LayerFold(
             name=name, method=layer.config.name, folded=False, residual=None, note="unfolded adapter",
             fold_error=None, macs_per_token=macs.base + macs.adapter, base_macs_per_token=layer.d_in * layer.d_out,
-            sparse_2_4=any(is_2_4_sparse(w) for w in matrices(layer)),
+            sparse_2_4=any(is_2_4_sparse(w) for w in matrices(layer)), base_dtype=dtype_name(layer.base_weight.dtype),
         ))
     return records
 

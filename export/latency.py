@@ -1,13 +1,10 @@
-"""Latency of an exported model: onnxruntime (adapted vs base export) and PyTorch (unfolded vs folded).
+"""Latency of an exported model against the base model exported the same way, in onnxruntime.
 
-Two pairs, each run round-robin inside its own loop so a slow phase of the machine (another process, thermal
-throttling) hits both members alike: the adapted against the base export in onnxruntime, then the unfolded against
-the folded PyTorch model. The pairs are not mixed: right after a PyTorch call its OpenMP threads still spin and its
-working set fills the caches, and in one four-way rotation the adapted export always ran right after PyTorch while
-the base mostly ran after the adapted export (measured on MiniLM + ProDA: export / base 1.16 that way, 1.03 in
-pairs). Each candidate reports the median of its runs. Both onnxruntime sessions share one
-SessionOptions (ORT_ENABLE_ALL, a fixed intra-op thread count) and PyTorch runs with the same thread count under
-``torch.inference_mode``. The numbers are measurements for the export report, never test thresholds.
+The two sessions are timed one after the other, never both loaded (a real-size model's weights fit in memory once):
+each is opened, warmed up, run ``runs`` times and closed; each reports the median of its runs. Both share one
+SessionOptions (ORT_ENABLE_ALL, a fixed intra-op thread count, no spin-waiting). One after the other, a slow phase of
+the machine can hit one and not the other; ``benchmarks/`` interleaves the candidates (and times PyTorch eager,
+PEFT) for the published ratios. The numbers are measurements for the export report, never test thresholds.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from torch import nn
 
 # Our provider names -> the onnxruntime execution providers to try, in order (CPU is always the last fallback).
 PROVIDERS: dict[str, list[str]] = {
@@ -106,42 +102,24 @@ def _median_ms(candidates: dict[str, Callable[[], object]], warmup: int, runs: i
 def measure_latency(
     onnx_path: Path,
     base_onnx_path: Path,
-    torch_unfolded: nn.Module,
-    torch_folded: nn.Module,
     inputs: dict[str, np.ndarray],
-    torch_inputs: dict[str, torch.Tensor],
     warmup: int = 3,
     runs: int = 20,
     provider: str = "cpu",
     threads: int | None = None,
 ) -> dict:
-    """Median latency (ms) of the exported model, the exported base model and both PyTorch models.
+    """Median latency (ms) of the exported model and of the exported base model, one session at a time.
 
-    ``inputs`` feeds both ONNX sessions, each getting only the names it declares; ``torch_inputs`` are the keyword
-    arguments of both PyTorch modules. ``threads`` defaults to PyTorch's intra-op thread count.
+    The export's session is opened, warmed up, timed and closed before the base's is opened (never both loaded: a
+    real-size model's weights fit once), both with the same SessionOptions. ``inputs`` feeds both, each getting only
+    the names it declares. ``threads`` defaults to PyTorch's intra-op thread count.
     """
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
     threads = threads or torch.get_num_threads()
     options = session_options(threads)
-    adapted, base = ort_session(onnx_path, provider, options), ort_session(base_onnx_path, provider, options)
-    adapted_feed, base_feed = declared_feed(adapted, inputs), declared_feed(base, inputs)
-    onnx_pair = {
-        "ort_ms": lambda: adapted.run(None, adapted_feed),
-        "base_ort_ms": lambda: base.run(None, base_feed),
-    }
-    torch_pair = {
-        "torch_unfolded_ms": lambda: torch_unfolded(**torch_inputs),
-        "torch_folded_ms": lambda: torch_folded(**torch_inputs),
-    }
-    medians = _median_ms(onnx_pair, warmup, runs)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            medians.update(_median_ms(torch_pair, warmup, runs))
-    finally:
-        torch.set_num_threads(previous_threads)
+    medians = {name: median_ms(path, provider, options, inputs, warmup, runs)
+               for name, path in (("ort_ms", onnx_path), ("base_ort_ms", base_onnx_path))}
     return {
         **medians,
         "overhead": medians["ort_ms"] / medians["base_ort_ms"],
@@ -150,3 +128,11 @@ def measure_latency(
         "threads": threads,
         "provider": provider,
     }
+
+
+def median_ms(path: Path, provider: str, options: ort.SessionOptions, inputs: dict[str, np.ndarray], warmup: int,
+              runs: int) -> float:
+    """Open ``path``, run it ``warmup`` times, then time ``runs`` runs; the session is released on return."""
+    sess = ort_session(path, provider, options)
+    feed = declared_feed(sess, inputs)
+    return _median_ms({"run": lambda: sess.run(None, feed)}, warmup, runs)["run"]

@@ -19,9 +19,7 @@ Exit status: 0 when every check passed; 1 when a check failed: parity, greedy de
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
-import itertools
 import shutil
 import sys
 import tempfile
@@ -34,20 +32,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.exporters import BACKEND_CHOICES, ExportedGraph, ExportError, export_model, save_single_file
-from export.fold import FoldError, LayerFold, fold_model, model_macs, tensor_sharing_copy, unfolded_layers
+from export.exporters import CAUSAL_LM, BACKEND_CHOICES, ExportedGraph, ExportError, export_model, model_task
+from export.fold import FoldError, LayerFold, fold_in_place, model_macs, unfolded_layers
+from export.reference import GREEDY_TOKENS, PARITY_SHAPES, Reference, record_reference, sample_inputs
 from export.report import summary, write_report
-from export.verify import Parity, onnx_feed, sample_inputs, session, torch_feed, verify_export
+from export.verify import Parity, verify_export
 from surgery.checkpoint import CheckpointError, load_checkpoint
-from surgery.config import ConfigError
+from surgery.config import ConfigError, SurgeryConfig
 from surgery.model import ModelLoadError, load_model, load_tokenizer, resolve_model_path
-from surgery.rewrite import AdaptedModel
 from surgery.targets import TargetError
 from surgery.tolerances import MODEL, Tolerance
 
 DEFAULT_OPSET = 18  # optimum-onnx's default for these architectures; TensorRT 10 parses opsets 9-20
 MIN_OPSET = 17  # LayerNormalization as one op
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # bf16: refused (check_options)
 FP16_DIR = "fp16"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
@@ -83,48 +81,48 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Fold (``merge``), export, verify, measure and report one checkpoint; returns the report.
 
-    ``base_onnx`` reuses an export of the base model for the latency comparison (else one is made in a temporary
-    folder). Raises :class:`ExportFailed` (report written) when a check fails, :class:`FoldError` when a layer's
-    fold is off, and CheckpointError / ModelLoadError / ExportError / ValueError for unusable inputs.
+    One copy of the weights at a time: the unfolded model's outputs on the verification inputs are recorded first
+    (``export.reference``), the layers are folded in place, the exporter writes the weights tensor by tensor, and the
+    PyTorch model is freed before onnxruntime opens the export. ``base_onnx`` reuses an export of the base model for
+    the latency comparison (else one is made the same way in a temporary folder; the two are timed one after the
+    other). Raises :class:`ExportFailed` (report written) when a check fails, :class:`FoldError` when a layer's fold
+    is off, and CheckpointError / ModelLoadError / ExportError / ValueError for unusable inputs.
     """
     check_options(opset, dtype, max_overhead, latency)
     ckpt = Path(ckpt)
     out = Path(out) if out is not None else ckpt / ("onnx" if merge else "onnx_unfolded")
-    step = Steps(log, total=6 if latency else 5)
+    tolerance = export_tolerance(dtype)
+    step = Steps(log, total=7 if latency else 6)
     step("loading the checkpoint", f"{ckpt}")
     adapted = load_checkpoint(ckpt, model_path=model_path)
-    reference = adapted.model.eval()
-    tolerance = export_tolerance(model_dtype(reference), dtype)
-    step("folding" if merge else "keeping the adapters unfolded", f"{len(adapted.layers)} adapted layers")
-    deployed, layers = deployable(adapted, merge)
-    if not latency:  # one PyTorch model at a time: drop the unfolded one while exporting, reload it to verify
-        own_shared_tensors(deployed, reference)
-        del adapted, reference
-        gc.collect()
-    step("exporting", f"into {out}")
+    config, model = adapted.config, adapted.model.eval()
+    task = model_task(model)
+    step("running the unfolded model", f"parity inputs {PARITY_SHAPES}"
+         + (f", a cached step, {GREEDY_TOKENS} greedy tokens" if task == CAUSAL_LM else "")
+         + (" (in float32: each module's weights upcast while it runs)" if model_dtype(model) != torch.float32 else ""))
+    reference = record_reference(model, task)
+    step("folding in place" if merge else "keeping the adapters unfolded", f"{len(adapted.layers)} adapted layers"
+         + (f", folds rounded once to {dtype}" if merge else ""))
+    layers = fold_in_place(model, dtype=EXPORT_DTYPES[dtype]) if merge else unfolded_layers(adapted)
+    del adapted
+    step("exporting", f"into {out}, weights in {dtype}")
     clear_previous_export(out)
-    graph = export_model(as_float32(deployed), out, opset, backend, log=step.detail)
-    if not latency:
-        del deployed
-        gc.collect()
-        step.detail("reloading the unfolded model for verification (with --no-latency one PyTorch model is held at "
-                    "a time)")
-        adapted = load_checkpoint(ckpt, model_path=model_path)
-        reference = adapted.model.eval()
-    save_tokenizer(adapted, out, step.detail)
-    if dtype == "fp16":
-        to_fp16_in_place(graph)
-    report = base_report(ckpt, adapted, graph, merge, dtype, layers, reference)
+    graph = export_model(model, out, opset, backend, task=task, log=step.detail, dtype=EXPORT_DTYPES[dtype])
+    variant = fp16_variant_from(model, graph) if fp16_check and dtype != "fp16" else None
+    report = base_report(ckpt, config, graph, merge, dtype, layers, model_macs(model, layers))
+    del model  # the PyTorch model goes before onnxruntime opens the export
+    gc.collect()
+    save_tokenizer(config, out, step.detail)
     step("verifying", f"onnxruntime vs the unfolded PyTorch model at {tolerance.atol:g} / {tolerance.rtol:g}")
     parity = verify_export(graph, reference, tolerance)
     report["parity"] = parity.as_dict()
     if not parity.passed:
         fail(report, out, parity.failure() or "parity failed")
     if latency:
-        step("measuring latency", "against the base model exported the same way")
-        report["latency"] = measure(graph, adapted, reference, deployed, dtype, base_onnx, max_overhead)
+        step("measuring latency", "against the base model exported the same way, one session at a time")
+        report["latency"] = measure(graph, config, reference, dtype, base_onnx, max_overhead)
     step("checking TensorRT readiness", "opset, ops, profiles" + (", fp16 variant" if fp16_check else ""))
-    report["tensorrt"] = tensorrt_section(graph, reference, layers, dtype, fp16_check, parity, report["errors"])
+    report["tensorrt"] = tensorrt_section(graph, reference, layers, dtype, variant, parity, report["errors"])
     overhead_error(report, max_overhead)
     if report["errors"]:
         fail(report, out, "; ".join(report["errors"]))
@@ -140,10 +138,44 @@ def check_options(opset: int, dtype: str, max_overhead: float | None, latency: b
                          f"as one op); the default is {DEFAULT_OPSET}")
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    if dtype == "bf16":
+        raise ValueError(bf16_refusal(cpu_bf16_problem()))
     if max_overhead is not None and max_overhead <= 0:
         raise ValueError(f"--max-overhead {max_overhead}: must be a positive ratio (e.g. 1.2)")
     if max_overhead is not None and not latency:
         raise ValueError("--max-overhead needs the latency measurement; drop --no-latency")
+
+
+def cpu_bf16_problem() -> str | None:
+    """Why onnxruntime's CPU provider cannot run a bfloat16 graph: its error for a one-node bf16 MatMul (every
+    adapted layer exports as one), or None when it can. Nothing is written: the graph is built in memory."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [1, 2])
+    weight = helper.make_tensor("w", TensorProto.BFLOAT16, [2, 2], [1.0, 0.0, 0.0, 1.0])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "bf16_probe", [x], [y], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET)])
+    try:
+        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own pybind types; the first line names the missing kernel
+        return str(error).strip().split("\n", 1)[0]
+    return None
+
+
+def bf16_refusal(problem: str | None) -> str:
+    """The --dtype bf16 error: onnxruntime's CPU provider (which verifies every export) cannot run it, or, should a
+    later onnxruntime run it, this exporter does not convert to bf16 yet."""
+    import onnxruntime
+
+    if problem is None:
+        return ("--dtype bf16: this onnxruntime's CPU provider runs a bfloat16 MatMul, but the exporter has no bf16 "
+                "graph conversion yet; export with --dtype fp16 or --dtype fp32")
+    return (f"--dtype bf16: onnxruntime {onnxruntime.__version__}'s CPU execution provider cannot run a bfloat16 "
+            f"graph ({problem}), and every export is verified on it, so nothing was exported. Use --dtype fp16 "
+            f"(weights rounded once to float16) or --dtype fp32 (a bfloat16 base is upcast exactly); TensorRT builds "
+            f"a bf16 engine from the fp32 file with trtexec --bf16")
 
 
 class Steps:
@@ -165,45 +197,32 @@ class Steps:
 
 
 # ---- fold and export ----------------------------------------------------------------------------------------------
-def deployable(adapted: AdaptedModel, merge: bool) -> tuple[nn.Module, list[LayerFold]]:
-    """The model to export and its layer records: folded, or the adapter graph as it is."""
-    if merge:
-        folded = fold_model(adapted)
-        return folded.model, folded.layers
-    return tensor_sharing_copy(adapted.model).eval(), unfolded_layers(adapted)
-
-
-@torch.no_grad()
-def own_shared_tensors(model: nn.Module, other: nn.Module) -> None:
-    """Give ``model`` its own copy of every tensor whose storage it shares with ``other`` (the folded copy shares
-    embeddings, norms and untouched layers with the unfolded model), so dropping ``other`` frees its memory. That
-    includes the weights file itself: safetensors maps it, the loaded tensors are views of the mapping, and the
-    mapping (the whole model's bytes) stays resident while any one of them is alive."""
-    shared = {t.untyped_storage().data_ptr() for t in itertools.chain(other.parameters(), other.buffers())}
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if tensor.untyped_storage().data_ptr() in shared:
-            tensor.data = tensor.data.clone()
-
-
 def model_dtype(model: nn.Module) -> torch.dtype:
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+    """The least precise floating dtype of the model's parameters: the stored base weights' (a half-precision base
+    keeps its adapters in float32)."""
+    return max((p.dtype for p in model.parameters() if p.is_floating_point()), key=lambda d: torch.finfo(d).eps)
 
 
-def as_float32(model: nn.Module) -> nn.Module:
-    """Exports trace in float32 (``--dtype fp16`` converts the graph afterwards); a half-precision model is
-    upcast on a full copy, so the reference keeps its own tensors."""
-    if model_dtype(model) == torch.float32:
-        return model
-    return copy.deepcopy(model).float()
+def export_tolerance(dtype: str) -> Tolerance:
+    """The MODEL entry for verifying a ``--dtype`` export against the unfolded PyTorch model.
+
+    The reference always computes in float32 (a half-precision base upcast exactly, ``export.reference``): the same
+    values the fold starts from, so it differs from the export only by the export's own arithmetic, and the entry is
+    the export dtype's: fp32 -> MODEL[float32] (kernels, the fold's float32 reassociation; greedy tokens must match),
+    fp16 -> MODEL[float16] (weights rounded once to float16, float16 activations).
+    """
+    wanted = EXPORT_DTYPES[dtype]
+    if wanted not in MODEL:
+        raise ValueError(f"surgery/tolerances.py has no MODEL tolerance for {wanted} (--dtype {dtype}); add a MODEL "
+                         f"entry with its reason")
+    return MODEL[wanted]
 
 
-def export_tolerance(weights: torch.dtype, dtype: str) -> Tolerance:
-    """MODEL[float16] for an fp16 export or half-precision weights, MODEL[float32] otherwise."""
-    lossiest = EXPORT_DTYPES[dtype] if weights == torch.float32 else weights
-    if lossiest not in MODEL:
-        raise ValueError(f"surgery/tolerances.py has no MODEL tolerance for {lossiest} (the base model's dtype); "
-                         f"export a float32 or float16 base model, or add a MODEL entry with its reason")
-    return MODEL[lossiest]
+def fp16_variant_from(model: nn.Module, graph: ExportedGraph) -> ExportedGraph:
+    """The float16 variant for TensorRT readiness, written from the PyTorch weights (each rounded once to float16)
+    into ``FP16_DIR`` beside the export, with the same backend and opset."""
+    return export_model(model, graph.folder / FP16_DIR, graph.opset, graph.backend, task=graph.task,
+                        log=lambda _: None, dtype=torch.float16)
 
 
 def clear_previous_export(out: Path) -> None:
@@ -216,27 +235,16 @@ def clear_previous_export(out: Path) -> None:
     shutil.rmtree(out / FP16_DIR, ignore_errors=True)
 
 
-def save_tokenizer(adapted: AdaptedModel, out: Path, log: Log) -> None:
+def save_tokenizer(config: SurgeryConfig, out: Path, log: Log) -> None:
     """The base model's tokenizer into ``out``; a warning (not an error) when the base model has none."""
-    source = Path(resolve_model_path(adapted.config.model.name_or_path))
+    source = Path(resolve_model_path(config.model.name_or_path))
     if source.is_dir() and not any((source / name).is_file() for name in TOKENIZER_FILES):
         log(f"warning: {source} has no tokenizer files; save one into {out} before running the export")
         return
     try:
-        load_tokenizer(adapted.config.model).save_pretrained(out)
+        load_tokenizer(config.model).save_pretrained(out)
     except ModelLoadError as error:
         log(f"warning: no tokenizer saved ({error}); save one into {out} before running the export")
-
-
-def to_fp16_in_place(graph: ExportedGraph) -> None:
-    """Replace the graph by its float16 conversion (float32 inputs and outputs)."""
-    from export.tensorrt import fp16_variant
-
-    with tempfile.TemporaryDirectory(dir=graph.folder, prefix=".fp16.") as scratch:
-        converted = fp16_variant(graph.model_file, Path(scratch) / graph.model_file.name)
-        data = graph.model_file.with_name(graph.model_file.name + "_data")
-        data.unlink(missing_ok=True)
-        save_single_file(converted, graph.model_file)
 
 
 # ---- latency ------------------------------------------------------------------------------------------------------
@@ -245,28 +253,28 @@ def latency_sequence(config: Any) -> int:
     return min(LATENCY_MAX_SEQUENCE, positions // 2) if positions else LATENCY_MAX_SEQUENCE
 
 
-def measure(graph: ExportedGraph, adapted: AdaptedModel, reference: nn.Module, deployed: nn.Module, dtype: str,
+def measure(graph: ExportedGraph, config: SurgeryConfig, reference: Reference, dtype: str,
             base_onnx: str | Path | None, max_overhead: float | None) -> dict[str, Any]:
     """export.latency.measure_latency on one batch-1 input, with a base export made the same way if needed."""
     from export.latency import measure_latency
 
     seq = latency_sequence(reference.config)
-    inputs = sample_inputs(int(reference.config.vocab_size), LATENCY_BATCH, seq, seed=99)
-    feed = onnx_feed(session(graph.model_file), inputs)
+    inputs = sample_inputs(reference.vocab_size, LATENCY_BATCH, seq, seed=99)
     with tempfile.TemporaryDirectory(prefix="base_onnx.") as scratch:
-        base_path = Path(base_onnx) if base_onnx else export_base(adapted, graph, dtype, Path(scratch))
-        result = measure_latency(graph.model_file, base_path, reference, deployed, feed, torch_inputs=torch_feed(feed))
+        base_path = Path(base_onnx) if base_onnx else export_base(config, graph, dtype, Path(scratch))
+        result = measure_latency(graph.model_file, base_path, inputs)
     kind = " (prefill, empty cache)" if graph.with_past else ""
     return {**result, "input": f"batch {LATENCY_BATCH} x seq {seq}{kind}", "max_overhead": max_overhead,
             "base_onnx": str(base_onnx) if base_onnx else "exported for this run"}
 
 
-def export_base(adapted: AdaptedModel, graph: ExportedGraph, dtype: str, folder: Path) -> Path:
-    """The base model (no adapter) exported with the same backend, opset and dtype."""
-    base = as_float32(load_model(adapted.config.model))
-    base_graph = export_model(base, folder, graph.opset, graph.backend, task=graph.task, log=lambda _: None)
-    if dtype == "fp16":
-        to_fp16_in_place(base_graph)
+def export_base(config: SurgeryConfig, graph: ExportedGraph, dtype: str, folder: Path) -> Path:
+    """The base model (no adapter) exported with the same backend, opset and dtype, then freed."""
+    base = load_model(config.model).eval()
+    base_graph = export_model(base, folder, graph.opset, graph.backend, task=graph.task, log=lambda _: None,
+                              dtype=EXPORT_DTYPES[dtype])
+    del base
+    gc.collect()
     return base_graph.model_file
 
 
@@ -289,29 +297,30 @@ def profile_max_sequence(config: Any, with_past: bool) -> int:
     return longest // 2 if with_past else longest
 
 
-def tensorrt_section(graph: ExportedGraph, reference: nn.Module, layers: list[LayerFold], dtype: str,
-                     fp16_check: bool, parity: Parity, errors: list[str]) -> dict[str, Any]:
-    """trt_readiness with a profile sized to the model, and the fp16 variant checked at MODEL[float16]."""
-    from export.tensorrt import fp16_variant, suggest_profile, trt_readiness
+def tensorrt_section(graph: ExportedGraph, reference: Reference, layers: list[LayerFold], dtype: str,
+                     variant: ExportedGraph | None, parity: Parity, errors: list[str]) -> dict[str, Any]:
+    """trt_readiness with a profile sized to the model, and the fp16 variant (``variant``; the export itself with
+    ``--dtype fp16``) checked at MODEL[float16]."""
+    from export.tensorrt import suggest_profile, trt_readiness
 
     max_seq = profile_max_sequence(reference.config, graph.with_past)
     profile = suggest_profile(graph.model_file, opt_seq=max(1, max_seq // 4), max_seq=max_seq)
     readiness = trt_readiness(graph.model_file, graph.opset, any(layer.sparse_2_4 for layer in layers), profile)
     if dtype == "fp16":
         readiness["fp16"] = {"file": graph.model_file.name, "parity": parity.as_dict()}
-    elif fp16_check:
-        path = fp16_variant(graph.model_file, graph.folder / FP16_DIR / graph.model_file.name)
-        fp16_parity = verify_export(graph, reference, MODEL[torch.float16], model_file=path, greedy=False)
-        readiness["fp16"] = {"file": str(path.relative_to(graph.folder)), "parity": fp16_parity.as_dict()}
+    elif variant is not None:
+        fp16_parity = verify_export(variant, reference, MODEL[torch.float16], greedy=False)
+        relative = str(variant.model_file.relative_to(graph.folder))
+        readiness["fp16"] = {"file": relative, "parity": fp16_parity.as_dict()}
         if not fp16_parity.passed:
-            errors.append(f"fp16 variant {path}: {fp16_parity.failure()}")
+            errors.append(f"fp16 variant {variant.model_file}: {fp16_parity.failure()}")
     return readiness
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
-def base_report(ckpt: Path, adapted: AdaptedModel, graph: ExportedGraph, merge: bool, dtype: str,
-                layers: list[LayerFold], reference: nn.Module) -> dict[str, Any]:
-    macs, base_macs = model_macs(reference, layers)
+def base_report(ckpt: Path, config: SurgeryConfig, graph: ExportedGraph, merge: bool, dtype: str,
+                layers: list[LayerFold], macs: tuple[int, int]) -> dict[str, Any]:
+    macs_per_token, base_macs = macs
     files = {"model": graph.model_file.name}
     if graph.external_data:
         files["external_data"] = graph.model_file.name + "_data"
@@ -319,8 +328,8 @@ def base_report(ckpt: Path, adapted: AdaptedModel, graph: ExportedGraph, merge: 
         "passed": False,
         "errors": [],
         "checkpoint": str(ckpt),
-        "base_model": adapted.config.model.name_or_path,
-        "method": adapted.config.method.name,
+        "base_model": config.model.name_or_path,
+        "method": config.method.name,
         "task": graph.task,
         "merge": merge,
         "backend": graph.backend,
@@ -331,7 +340,7 @@ def base_report(ckpt: Path, adapted: AdaptedModel, graph: ExportedGraph, merge: 
         "parity": None,
         "latency": None,
         "layers": [layer.as_dict() for layer in layers],
-        "macs_per_token": macs,
+        "macs_per_token": macs_per_token,
         "base_macs_per_token": base_macs,
         "tensorrt": None,
         "versions": versions(),
@@ -380,8 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset, >= {MIN_OPSET} (default {DEFAULT_OPSET})")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32",
-                        help="dtype of the exported weights and activations; fp16 keeps float32 inputs/outputs and "
-                             "is verified at the float16 tolerance (default fp32)")
+                        help="dtype of the exported weights and activations (default fp32). Folds are computed in "
+                             "float32 from the stored weights and rounded once to it: fp32 carries a bfloat16/float16 "
+                             "base upcast exactly plus the unrounded delta; fp16 keeps float32 inputs/outputs and is "
+                             "verified at the float16 tolerance; bf16 is refused while onnxruntime's CPU provider "
+                             "(which verifies every export) has no bfloat16 MatMul")
     parser.add_argument("--max-overhead", type=float, metavar="X",
                         help="fail when onnxruntime latency of the export / that of the base model exceeds X")
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",

@@ -1,7 +1,7 @@
 """The export report: ``export_report.json`` (machine-readable) and ``EXPORT_REPORT.md`` (for people), same content.
 
 Keys every report has: ``parity`` {max_abs_diff, max_rel_diff, tolerance, greedy_match (null for encoders)},
-``latency`` {ort_ms, base_ort_ms, overhead, torch_unfolded_ms, torch_folded_ms} (null when skipped), ``layers``
+``latency`` {ort_ms, base_ort_ms, overhead} (null when skipped), ``layers``
 [{name, method, folded, residual, fold_error, ...}], ``macs_per_token``, ``base_macs_per_token``, ``passed`` and
 ``errors``.
 """
@@ -77,10 +77,8 @@ def _parity(parity: dict[str, Any] | None) -> str:
 def _latency(latency: dict[str, Any] | None) -> str:
     if latency is None:
         return "## Latency\n\nnot measured (--no-latency)"
-    rows = [("onnxruntime, this export", latency["ort_ms"]), ("onnxruntime, base model", latency["base_ort_ms"]),
-            ("PyTorch eager, unfolded", latency["torch_unfolded_ms"]),
-            ("PyTorch eager, folded", latency["torch_folded_ms"])]
-    lines = ["## Latency (median ms, interleaved runs after warm-up)", "",
+    rows = [("onnxruntime, this export", latency["ort_ms"]), ("onnxruntime, base model", latency["base_ort_ms"])]
+    lines = ["## Latency (median ms after warm-up; one session at a time)", "",
              f"Input {latency.get('input', '')}; overhead (export / base) **{latency['overhead']:.3f}**"
              + (f", limit {latency['max_overhead']:g}" if latency.get("max_overhead") is not None else ""),
              "", "| | ms |", "|---|---|", *(f"| {name} | {ms:.3f} |" for name, ms in rows)]
@@ -136,8 +134,7 @@ def summary(report: dict[str, Any]) -> str:
     latency = report.get("latency")
     if latency:
         lines.append(f"  latency (ms): onnx {latency['ort_ms']:.3f}, base onnx {latency['base_ort_ms']:.3f}, "
-                     f"overhead {latency['overhead']:.3f}; torch unfolded {latency['torch_unfolded_ms']:.3f}, "
-                     f"folded {latency['torch_folded_ms']:.3f}")
+                     f"overhead {latency['overhead']:.3f}")
     lines.append(f"  MACs/token: {report['macs_per_token']:,} (base {report['base_macs_per_token']:,})")
     trt = report.get("tensorrt")
     if trt:

@@ -29,6 +29,7 @@ from export.exporters import (
     save_single_file,
     uses_external_data,
 )
+from export.reference import record_reference
 from export.verify import verify_export
 from surgery.tolerances import MODEL
 from tests.export.checkpoints import single_torch_thread  # noqa: F401  (fixture)
@@ -94,7 +95,7 @@ def test_unknown_architectures_export_with_torch_and_verify(make, tmp_path: Path
     assert graph.backend == "torch" and not graph.with_past  # OpenAI GPT returns no cache
     if auto_backend() == "optimum":
         assert "no ONNX config" in said[0] and "exporting with torch.onnx" in said[0]
-    parity = verify_export(graph, model, TOL)
+    parity = verify_export(graph, record_reference(model, graph.task), TOL)
     assert parity.passed, parity.failure()
     assert parity.greedy_match is (True if graph.task == "causal-lm" else None)
     assert (tmp_path / "config.json").is_file()
@@ -120,7 +121,7 @@ def test_decoders_export_with_the_kv_cache(arch: str, tmp_path: Path) -> None:
     layers = model.config.num_hidden_layers
     assert inputs == ["input_ids", "attention_mask", "position_ids",
                       *[f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]]
-    parity = verify_export(graph, model, TOL)
+    parity = verify_export(graph, record_reference(model, graph.task), TOL)
     assert parity.passed, parity.failure()
     assert [case.case.startswith("cached step") for case in parity.cases] == [False, True, False, True]
     assert parity.greedy_match is True and len(set(parity.greedy["torch"])) > 2, parity.greedy
@@ -131,7 +132,7 @@ def test_decoders_export_with_the_kv_cache(arch: str, tmp_path: Path) -> None:
 def test_encoders_export_with_torch(arch: str, tmp_path: Path) -> None:
     model = tiny_model(arch)
     graph = export_model(model, tmp_path, backend="torch", log=quiet)
-    parity = verify_export(graph, model, TOL)
+    parity = verify_export(graph, record_reference(model, graph.task), TOL)
     assert parity.passed, parity.failure()
     assert len(parity.cases) == 2 and not graph.with_past  # batch 1 and 3, two sequence lengths
 
@@ -158,7 +159,7 @@ def test_feature_extraction_folder_loads_in_ort_feature_extraction(tmp_path: Pat
     with torch.no_grad():
         expected = model(**inputs).last_hidden_state
     torch.testing.assert_close(hidden, expected, atol=TOL.atol, rtol=TOL.rtol)
-    assert verify_export(graph, model, TOL).passed
+    assert verify_export(graph, record_reference(model, graph.task), TOL).passed
 
 
 @pytest.mark.compat
@@ -166,7 +167,7 @@ def test_feature_extraction_with_torch(tmp_path: Path) -> None:
     model = bert_encoder()
     graph = export_model(model, tmp_path, backend="torch", log=quiet)
     assert graph.task == "feature-extraction"
-    assert verify_export(graph, model, TOL).passed
+    assert verify_export(graph, record_reference(model, graph.task), TOL).passed
 
 
 def test_external_data_is_gathered_into_model_onnx_data(tmp_path: Path) -> None:

@@ -31,9 +31,9 @@ def feeds():
 
 
 def test_medians_are_positive_and_overhead_is_their_ratio(exports, feeds):
-    adapted, base, model = exports
-    result = measure_latency(adapted, base, model, model, *feeds, warmup=1, runs=5, threads=1)
-    for key in ("ort_ms", "base_ort_ms", "torch_unfolded_ms", "torch_folded_ms"):
+    adapted, base, _ = exports
+    result = measure_latency(adapted, base, feeds[0], warmup=1, runs=5, threads=1)
+    for key in ("ort_ms", "base_ort_ms"):
         assert result[key] > 0, key
     assert result["overhead"] == pytest.approx(result["ort_ms"] / result["base_ort_ms"])
     assert (result["runs"], result["warmup"], result["threads"]) == (5, 1, 1)

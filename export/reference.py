@@ -1,0 +1,193 @@
+"""The PyTorch side of verification, recorded before anything is folded: outputs only, no second model.
+
+An export is verified against the unfolded model as trained. Keeping that model beside the folded one (or reloading
+it after the export) costs a second copy of the weights, so the unfolded model runs once, before the fold, on the
+verification inputs, and only its outputs are kept (a few MB even for a 7B model):
+
+- parity: the main output (logits or last_hidden_state) at ``PARITY_SHAPES`` (batch, sequence), shapes the
+  exporters never traced; encoders get a right-padded last row;
+- decoders: the logits of ``CACHE_STEP_TOKENS`` more tokens on each parity input, computed on the whole sequence
+  (the export runs them as one cached step), and ``GREEDY_TOKENS`` greedy tokens from ``generate``.
+
+A half-precision model computes its reference in float32 (:func:`float32_compute`: each module's weights are
+upcast exactly while it runs, one module at a time), the values the fold starts from, so the export differs from
+the reference only by its own arithmetic and the tolerance is the export dtype's alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.decode import position_ids
+from export.exporters import CAUSAL_LM, FEATURES, output_name
+
+PARITY_SHAPES = ((1, 5), (3, 11))  # (batch, sequence): neither is the exporters' trace shape (2 x 8, 2 x 16)
+PARITY_SEED = 2024
+CACHE_STEP_TOKENS = 2
+GREEDY_TOKENS = 20
+GREEDY_SHAPE = (3, 6)
+GREEDY_SEED = 7
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """One verification input and what the unfolded model answered."""
+
+    inputs: dict[str, np.ndarray]  # input_ids, attention_mask (batch, seq)
+    expected: np.ndarray  # the main output
+    token_mask: np.ndarray | None  # token-level outputs: the positions compared (padding left out)
+    step_ids: np.ndarray | None = None  # decoders: CACHE_STEP_TOKENS more tokens (batch, CACHE_STEP_TOKENS)
+    step_logits: np.ndarray | None = None  # their logits, computed on the whole sequence
+
+    @property
+    def name(self) -> str:
+        batch, seq = self.inputs["input_ids"].shape
+        return f"batch {batch} x seq {seq}"
+
+
+@dataclass(frozen=True)
+class GreedyCase:
+    prompt: np.ndarray  # (batch, seq)
+    tokens: np.ndarray  # generate's new tokens (batch, GREEDY_TOKENS), end-of-sequence suppressed
+    eos_ids: list[int]
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Everything verification needs from the PyTorch model, without the model."""
+
+    task: str
+    config: Any  # the model's transformers config (vocabulary, positions: small)
+    cases: list[ParityCase]
+    greedy: GreedyCase | None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+
+def sample_inputs(vocab: int, batch: int, seq: int, seed: int, pad_last_row: bool = False) -> dict[str, np.ndarray]:
+    """input_ids in [3, vocab), attention_mask (the last row right-padded by 2 when asked), token_type_ids 0."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(min(3, vocab - 1), vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    if pad_last_row and batch > 1 and seq > 3:
+        mask[-1, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+@torch.no_grad()
+def record_reference(model: nn.Module, task: str, greedy: bool = True) -> Reference:
+    """Run ``model`` (unfolded, eval mode) on the verification inputs; returns its outputs (see the module doc)."""
+    vocab = int(model.config.vocab_size)
+    cases = []
+    with float32_compute(model):
+        for i, (batch, seq) in enumerate(PARITY_SHAPES):
+            inputs = sample_inputs(vocab, batch, seq, PARITY_SEED + i, pad_last_row=task != CAUSAL_LM)
+            inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+            expected = main_output(model, inputs, task)
+            token_mask = inputs["attention_mask"] if task in (CAUSAL_LM, FEATURES) else None
+            step = cached_step(model, inputs, PARITY_SEED + 10 + i) if task == CAUSAL_LM else (None, None)
+            cases.append(ParityCase(inputs, expected, token_mask, *step))
+        tokens = greedy_case(model) if greedy and task == CAUSAL_LM else None
+    return Reference(task, model.config, cases, tokens)
+
+
+@torch.no_grad()
+def main_output(model: nn.Module, inputs: dict[str, np.ndarray] | dict[str, torch.Tensor], task: str) -> np.ndarray:
+    """The model's main output as float32 numpy; decoders get position_ids from the mask (as the exports do)."""
+    feed = {key: torch.as_tensor(np.ascontiguousarray(value)) for key, value in inputs.items()}
+    extra: dict[str, Any] = {}
+    if task == CAUSAL_LM:
+        mask = feed["attention_mask"].numpy()
+        extra = {"use_cache": False, "position_ids": torch.from_numpy(position_ids(mask))}
+    out = model(**feed, **extra, return_dict=True)[output_name(task)]
+    return out.float().numpy()
+
+
+def cached_step(model: nn.Module, inputs: dict[str, np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """CACHE_STEP_TOKENS new tokens after ``inputs`` and their logits, the whole sequence run at once."""
+    batch, seq = inputs["input_ids"].shape
+    new = sample_inputs(int(model.config.vocab_size), batch, CACHE_STEP_TOKENS, seed)["input_ids"]
+    full = {"input_ids": np.concatenate([inputs["input_ids"], new], axis=1),
+            "attention_mask": np.ones((batch, seq + CACHE_STEP_TOKENS), dtype=np.int64)}
+    return new, main_output(model, full, CAUSAL_LM)[:, seq:]
+
+
+def greedy_case(model: nn.Module) -> GreedyCase:
+    batch, seq = GREEDY_SHAPE
+    prompt = torch.from_numpy(sample_inputs(int(model.config.vocab_size), batch, seq, GREEDY_SEED)["input_ids"])
+    pad = pad_id(model)
+    tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=1,
+                            max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, pad_token_id=pad)
+    return GreedyCase(prompt.numpy(), tokens[:, seq:].numpy(), eos_ids(model), pad)
+
+
+def eos_ids(model: nn.Module) -> list[int]:
+    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if value is None:
+        value = getattr(model.config, "eos_token_id", None)
+    return [] if value is None else list(value) if isinstance(value, list) else [int(value)]
+
+
+def pad_id(model: nn.Module) -> int:
+    for source in (getattr(model, "generation_config", None), model.config):
+        for key in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, key, None)
+            if value is not None:
+                return value[0] if isinstance(value, list) else int(value)
+    return 0
+
+
+# ---- float32 compute without a float32 copy -----------------------------------------------------------------------
+@contextmanager
+def float32_compute(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in float32 although its weights are half precision, holding one module's float32 copy at a time.
+
+    Each module whose own parameters or floating buffers are not float32 gets them upcast (exactly) right before its
+    forward and restored right after; its outputs are then float32 and so is everything downstream. A float32 model
+    runs as it is. Everything is restored on exit, also after an error.
+    """
+    owners = [(module, lowp) for module in model.modules() if (lowp := half_tensors(module))]
+    if not owners:
+        yield
+        return
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def upcast(tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            if id(tensor) not in saved:
+                saved[id(tensor)] = (tensor, tensor.data)
+                tensor.data = tensor.data.float()
+
+    def restore(tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            if id(tensor) in saved:
+                tensor.data = saved.pop(id(tensor))[1]
+
+    handles = []
+    for module, tensors in owners:
+        handles.append(module.register_forward_pre_hook(lambda _m, _a, t=tensors: upcast(t)))
+        handles.append(module.register_forward_hook(lambda _m, _a, _o, t=tensors: restore(t)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for tensor, data in saved.values():
+            tensor.data = data
+
+
+def half_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s own (not its children's) floating parameters and buffers in a dtype other than float32/64."""
+    own = itertools.chain(module._parameters.values(), module._buffers.values())
+    return [t for t in own if t is not None and t.is_floating_point() and t.dtype not in (torch.float32, torch.float64)]

@@ -1,0 +1,211 @@
+"""Weightless tracing and streamed weights: how the torch exporter writes a model of any size with one copy of it.
+
+``torch.onnx.export`` serialises every weight into the ModelProto it builds, a second copy of the model in memory
+(and a third when the graph is converted to float16 afterwards). Instead:
+
+1. :func:`stand_in_parameters`: while tracing, every parameter is a zero-stride float32 stand-in of its shape (one
+   number in memory, a distinct value each so the exporter does not merge them as duplicates), and
+   ``export_params=False`` makes each one a graph input named after the parameter. The traced graph holds no
+   weights; floating buffers (rotary tables, masks: small) are traced in float32 as constants.
+2. :func:`attach_weights`: each parameter input becomes an initializer whose bytes are written from the PyTorch
+   tensor, one tensor at a time, cast to the export dtype and transposed on the way where the graph does so (what
+   constant folding would have done; a tensor's converted copy is the only extra memory); past protobuf's 2 GiB
+   they go to one external data file.
+
+For a float16 export the weightless graph is converted first (onnxruntime's converter, inputs kept float32): each
+weight input then feeds one Cast to float16, and the weight is written as a float16 initializer in that Cast's
+place. Weights of ops the converter keeps in float32 (its block list) stay float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+PROTOBUF_LIMIT = 2**31  # one serialised ModelProto must stay below 2 GiB
+FLOAT16_MAX = 65504.0
+ALIGNMENT = 4096  # external tensors start on page boundaries (onnxruntime can map them)
+ONNX_DTYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+               torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.int64: onnx.TensorProto.INT64,
+               torch.int32: onnx.TensorProto.INT32, torch.bool: onnx.TensorProto.BOOL}
+
+
+@contextmanager
+def stand_in_parameters(model: nn.Module) -> Iterator[None]:
+    """Trace ``model`` without its weights: parameters become float32 stand-ins of their shapes and floating
+    buffers float32 copies; everything is restored afterwards (also on error)."""
+    saved: dict[int, tuple[nn.Parameter | torch.Tensor, torch.Tensor]] = {}
+    for i, param in enumerate(unique(model.parameters())):
+        saved[id(param)] = (param, param.data)
+        param.data = torch.full((), (i + 1) * 1e-3, dtype=torch.float32, device=param.device).expand(param.shape)
+    for buffer in unique(model.buffers()):
+        if buffer.is_floating_point() and buffer.dtype != torch.float32:
+            saved[id(buffer)] = (buffer, buffer.data)
+            buffer.data = buffer.data.float()
+    try:
+        yield
+    finally:
+        for tensor, data in saved.values():
+            tensor.data = data
+
+
+def unique(tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    seen: set[int] = set()
+    for tensor in tensors:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield tensor
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """Where one weight goes: the initializer's name, the parameter it comes from, the dtype it is stored in and the
+    permutation applied to it first (a folded Transpose; None: as it is)."""
+
+    initializer: str
+    parameter: str
+    dtype: torch.dtype
+    perm: tuple[int, ...] | None = None
+
+
+def weight_slots(graph: onnx.GraphProto, parameters: Mapping[str, torch.Tensor],
+                 dtype: torch.dtype) -> tuple[list[WeightSlot], list[onnx.NodeProto]]:
+    """One slot per graph input that is a parameter, and the nodes the slots replace.
+
+    What constant folding would have done to the weight is done as it is written: a chain of sole consumers that
+    cast it to ``dtype`` (a float16 conversion kept the inputs float32) or transpose it (``nn.Linear``'s ``x @ W.T``)
+    is folded into the stored tensor, which takes the last folded node's output name. Index buffers (cLA's columns)
+    are stored as they are.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    slots, folded = [], []
+    for value in graph.input:
+        if value.name not in parameters:
+            continue
+        tensor = parameters[value.name]
+        if not tensor.is_floating_point():
+            slots.append(WeightSlot(value.name, value.name, tensor.dtype))
+            continue
+        slot, nodes = fold_chain(WeightSlot(value.name, value.name, torch.float32), consumers, dtype)
+        slots.append(slot)
+        folded.extend(nodes)
+    return slots, folded
+
+
+def fold_chain(slot: WeightSlot, consumers: Mapping[str, list[onnx.NodeProto]],
+               dtype: torch.dtype) -> tuple[WeightSlot, list[onnx.NodeProto]]:
+    """Follow ``slot``'s sole consumers while they are a Cast to ``dtype`` or a Transpose, folding each in."""
+    nodes = []
+    while len(users := consumers.get(slot.initializer, [])) == 1:
+        node = users[0]
+        if node.op_type == "Cast" and dtype != torch.float32 and cast_target(node) == ONNX_DTYPES[dtype]:
+            slot = WeightSlot(node.output[0], slot.parameter, dtype, slot.perm)
+        elif node.op_type == "Transpose" and slot.perm is None and (perm := transpose_perm(node)) is not None:
+            slot = WeightSlot(node.output[0], slot.parameter, slot.dtype, perm)
+        else:
+            break
+        nodes.append(node)
+    return slot, nodes
+
+
+def transpose_perm(node: onnx.NodeProto) -> tuple[int, ...] | None:
+    """The explicit ``perm`` of a Transpose node (None when it relies on the default reversal: rank unknown here)."""
+    return next((tuple(attribute.ints) for attribute in node.attribute if attribute.name == "perm"), None)
+
+
+def cast_target(node: onnx.NodeProto) -> int | None:
+    return next((attribute.i for attribute in node.attribute if attribute.name == "to"), None)
+
+
+def tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype, perm: tuple[int, ...] | None = None) -> memoryview:
+    """The raw little-endian bytes of ``tensor`` permuted by ``perm`` in ``dtype`` (one converted copy at most)."""
+    data = tensor.detach() if perm is None else tensor.detach().permute(perm)
+    if data.is_floating_point():
+        if dtype == torch.float16:  # beyond float16's range: the largest finite value, not inf (as onnxruntime does)
+            data = data.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+        data = data.to("cpu", dtype)
+    flat = data.to("cpu").contiguous().reshape(-1)  # reshape: unit stride even where a size-1 axis kept another
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def initializer(slot: WeightSlot, tensor: torch.Tensor) -> onnx.TensorProto:
+    proto = onnx.TensorProto()
+    proto.name, proto.data_type = slot.initializer, ONNX_DTYPES[slot.dtype]
+    proto.dims.extend(tensor.shape if slot.perm is None else tensor.permute(slot.perm).shape)
+    return proto
+
+
+def attach_weights(model: onnx.ModelProto, parameters: Mapping[str, torch.Tensor], path: Path,
+                   dtype: torch.dtype = torch.float32, external: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` with every parameter input turned into an initializer holding the parameter's
+    values in ``dtype`` (see :func:`weight_slots`). ``external``: all weights in ``path.name + "_data"`` (default:
+    when they pass 2 GiB), written tensor by tensor; else inline. Returns ``path``."""
+    graph = model.graph
+    slots, folded = weight_slots(graph, parameters, dtype)
+    total = sum(parameters[s.parameter].numel() * s.dtype.itemsize for s in slots)
+    external = total >= PROTOBUF_LIMIT - 2**26 if external is None else external
+    data_file = path.with_name(path.name + "_data")
+    data_file.unlink(missing_ok=True)
+    protos = write_external(slots, parameters, data_file) if external else inline(slots, parameters)
+    taken = {slot.parameter for slot in slots}
+    kept_inputs = [value for value in graph.input if value.name not in taken]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    dropped = {id(node) for node in folded}
+    kept_nodes = [node for node in graph.node if id(node) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    graph.initializer.extend(protos)
+    onnx.save(model, str(path))
+    return path
+
+
+def inline(slots: list[WeightSlot], parameters: Mapping[str, torch.Tensor]) -> list[onnx.TensorProto]:
+    protos = []
+    for slot in slots:
+        proto = initializer(slot, parameters[slot.parameter])
+        proto.raw_data = tensor_bytes(parameters[slot.parameter], slot.dtype, slot.perm).tobytes()
+        protos.append(proto)
+    return protos
+
+
+def write_external(slots: list[WeightSlot], parameters: Mapping[str, torch.Tensor],
+                   data_file: Path) -> list[onnx.TensorProto]:
+    """Append each tensor's bytes to ``data_file`` (page-aligned) and return initializers that point there."""
+    protos = []
+    with open(data_file, "wb") as handle:
+        for slot in slots:
+            tensor = parameters[slot.parameter]
+            offset = -(-handle.tell() // ALIGNMENT) * ALIGNMENT
+            handle.seek(offset)
+            data = tensor_bytes(tensor, slot.dtype, slot.perm)
+            handle.write(data)
+            proto = initializer(slot, tensor)
+            proto.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_file.name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = proto.external_data.add()
+                entry.key, entry.value = key, value
+            protos.append(proto)
+            del data
+    return protos
+
+
+def named_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state (parameters and persistent buffers) by the names the TorchScript exporter gives their graph
+    inputs under ``export_params=False`` (tied weights once, under their first name)."""
+    found: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            found[name] = tensor
+    return found
