@@ -25,13 +25,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import onnx
 import torch
 from torch import nn
 
-from export.weights import PROTOBUF_LIMIT, attach_weights, named_parameters, stand_in_parameters
+from export.weights import PROTOBUF_LIMIT, attach_weights, named_parameters, stand_in_parameters, swapped_state
 
 SEQ_CLS, CAUSAL_LM, FEATURES = "seq-cls", "causal-lm", "feature-extraction"
 OPTIMUM_TASKS = {SEQ_CLS: "text-classification", CAUSAL_LM: "text-generation", FEATURES: "feature-extraction"}
@@ -318,6 +318,24 @@ def cached_decoder_spec(model: nn.Module, cache: CacheShape) -> TraceSpec:
                      ["logits", *present_names], axes, with_past=True)
 
 
+class WeightsAsInputs(nn.Module):
+    """``inner`` with its state (parameters, persistent buffers) passed as trailing forward arguments.
+
+    Traced this way the weights are graph inputs the exporter knows by shape only. Left as module state they would be
+    parameters, whose values the exporter's shape inference propagates: it computes the transpose of every Linear
+    weight, a float32 copy of the whole model held until the export ends.
+    """
+
+    def __init__(self, inner: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.inner, self.names = inner, tuple(names)
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        split = len(args) - len(self.names)
+        with swapped_state(self.inner, dict(zip(self.names, args[split:], strict=True))):
+            return self.inner(*args[:split])
+
+
 class TorchOnnxBackend:
     """``torch.onnx.export`` (TorchScript tracer); decoders with their KV cache."""
 
@@ -339,16 +357,18 @@ class TorchOnnxBackend:
             try:
                 with torch.no_grad(), quiet_export(), traceable_masks(), stand_in_parameters(model):
                     spec = self.trace_spec(model, task)  # the cache probe too runs on the float32 stand-ins
-                    torch.onnx.export(spec.module, spec.example, str(traced), input_names=spec.input_names,
-                                      output_names=spec.output_names, dynamic_axes=spec.dynamic_axes,
-                                      opset_version=opset, export_params=False, do_constant_folding=False,
-                                      dynamo=False)
+                    state = named_parameters(spec.module)
+                    torch.onnx.export(WeightsAsInputs(spec.module, list(state)).eval(),
+                                      (*spec.example, *(tensor.detach() for tensor in state.values())), str(traced),
+                                      input_names=[*spec.input_names, *state], output_names=spec.output_names,
+                                      dynamic_axes=spec.dynamic_axes, opset_version=opset, export_params=False,
+                                      do_constant_folding=False, dynamo=False)
             except Exception as error:  # tracing raises many types; re-raised with the model and the first line
                 raise export_failure("torch.onnx.export", model, error) from error
             weightless = onnx.load(str(traced))
         if dtype == torch.float16:
             weightless = float16_graph(weightless)
-        attach_weights(weightless, named_parameters(spec.module), folder / MODEL_FILE, dtype)
+        attach_weights(weightless, state, folder / MODEL_FILE, dtype)
         save_configs(model, folder)
         return ExportedGraph(folder, folder / MODEL_FILE, self.name, task, spec.with_past, opset)
 

@@ -55,6 +55,27 @@ def stand_in_parameters(model: nn.Module) -> Iterator[None]:
             tensor.data = data
 
 
+@contextmanager
+def swapped_state(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Let ``module`` run on ``tensors`` (state name -> tensor, names as :func:`named_parameters` gives them) in
+    place of its own parameters and buffers; tied tensors are swapped wherever they appear. ``torch.func``'s
+    functional_call does this too, but refuses to run under the TorchScript tracer."""
+    originals = named_parameters(module)
+    replacement = {id(originals[name]): tensor for name, tensor in tensors.items()}
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    for owner in module.modules():
+        for slots in (owner._parameters, owner._buffers):
+            for key, tensor in slots.items():
+                if tensor is not None and id(tensor) in replacement:
+                    swapped.append((slots, key, tensor))
+                    slots[key] = replacement[id(tensor)]
+    try:
+        yield
+    finally:
+        for slots, key, tensor in swapped:
+            slots[key] = tensor
+
+
 def unique(tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
     seen: set[int] = set()
     for tensor in tensors:
@@ -92,6 +113,8 @@ def weight_slots(graph: onnx.GraphProto, parameters: Mapping[str, torch.Tensor],
         if value.name not in parameters:
             continue
         tensor = parameters[value.name]
+        if value.name not in consumers:  # unused by this graph (a pooler under feature extraction): not written
+            continue
         if not tensor.is_floating_point():
             slots.append(WeightSlot(value.name, value.name, tensor.dtype))
             continue
@@ -156,8 +179,7 @@ def attach_weights(model: onnx.ModelProto, parameters: Mapping[str, torch.Tensor
     data_file = path.with_name(path.name + "_data")
     data_file.unlink(missing_ok=True)
     protos = write_external(slots, parameters, data_file) if external else inline(slots, parameters)
-    taken = {slot.parameter for slot in slots}
-    kept_inputs = [value for value in graph.input if value.name not in taken]
+    kept_inputs = [value for value in graph.input if value.name not in parameters]
     del graph.input[:]
     graph.input.extend(kept_inputs)
     dropped = {id(node) for node in folded}
