@@ -10,8 +10,8 @@
 
 ``auto`` takes optimum where it is installed and knows the architecture, else torch. The backends see only an
 ``nn.Module`` (folded or not): they know nothing of adapter methods. Either way the folder gets ``model.onnx``,
-``config.json`` and, for generative models, ``generation_config.json``; weights of a model past protobuf's 2 GiB go
-to one external file ``model.onnx_data`` beside it.
+``config.json`` and, for generative models, ``generation_config.json``; the torch backend streams weights past
+128 MiB to one external file ``model.onnx_data`` beside it (optimum past protobuf's 2 GiB).
 """
 
 from __future__ import annotations

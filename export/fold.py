@@ -23,6 +23,7 @@ folded static part plus a residual). Here, generically and without knowing metho
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -102,16 +103,53 @@ def fold_in_place(model: nn.Module, seed: int = 0, check_tokens: int = CHECK_TOK
     layer is replaced (``export.hf`` refuses residual paths). Errors as :func:`fold_model`.
     """
     generator = torch.Generator().manual_seed(seed)
+    owners = tensor_owners(model)
     records = []
     for name in list(adapter_layers(model)):
         layer = model.get_submodule(name)
         replacement, record = fold_layer(name, layer, generator, check_tokens, dtype)
-        del layer
         if before_replacing is not None:
             before_replacing(name, record)
+        reuse_storage(layer, replacement, shared={i for i, count in owners.items() if count > 1})
+        del layer
         model.set_submodule(name, replacement)
         records.append(record)
     return records
+
+
+def tensor_owners(model: nn.Module) -> dict[int, int]:
+    """id of each parameter/buffer -> how many module slots hold it (tied weights: more than one)."""
+    counts: dict[int, int] = {}
+    for module in model.modules():
+        for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
+            if tensor is not None:
+                counts[id(tensor)] = counts.get(id(tensor), 0) + 1
+    return counts
+
+
+@torch.no_grad()
+def reuse_storage(old: nn.Module, new: nn.Module, shared: set[int]) -> None:
+    """Move each tensor of the fold ``new`` into the storage of a tensor of the layer ``old`` it replaces with the same
+    shape and dtype (the base weight, for a merged W0 + delta), so that the fold allocates nothing that outlives it.
+
+    The base weights of a model loaded from safetensors are views of the file's memory map: a new tensor would add
+    its bytes while the mapping stays resident (other tensors of the shard keep it alive); written into the old
+    storage, the page only turns from file-backed to private. Old tensors also held elsewhere (``shared``: tied
+    weights) or still used by ``new`` are left alone.
+    """
+    in_use = {t.untyped_storage().data_ptr() for t in itertools.chain(new.parameters(), new.buffers())}
+    pool: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in itertools.chain(old.parameters(), old.buffers()):
+        if id(tensor) not in shared and tensor.untyped_storage().data_ptr() not in in_use and tensor.is_contiguous():
+            pool.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
+    for module in new.modules():
+        for slots in (module._parameters, module._buffers):
+            for key, tensor in slots.items():
+                target = pool.get((tuple(tensor.shape), tensor.dtype, tensor.device)) if tensor is not None else None
+                if target:
+                    storage = target.pop()
+                    storage.data.copy_(tensor.data)
+                    slots[key].data = storage.data
 
 
 def fold_layer(

@@ -19,7 +19,6 @@ Exit status: 0 when every check passed; 1 when a check failed: parity, greedy de
 from __future__ import annotations
 
 import argparse
-import gc
 import shutil
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from export.fold import FoldError, LayerFold, fold_in_place, model_macs, unfolde
 from export.reference import GREEDY_TOKENS, PARITY_SHAPES, Reference, record_reference, sample_inputs
 from export.report import summary, write_report
 from export.verify import Parity, verify_export
+from export.weights import release_memory
 from surgery.checkpoint import CheckpointError, load_checkpoint
 from surgery.config import ConfigError, SurgeryConfig
 from surgery.model import ModelLoadError, load_model, load_tokenizer, resolve_model_path
@@ -111,7 +111,7 @@ def export_checkpoint(
     variant = fp16_variant_from(model, graph) if fp16_check and dtype != "fp16" else None
     report = base_report(ckpt, config, graph, merge, dtype, layers, model_macs(model, layers))
     del model  # the PyTorch model goes before onnxruntime opens the export
-    gc.collect()
+    release_memory()
     save_tokenizer(config, out, step.detail)
     step("verifying", f"onnxruntime vs the unfolded PyTorch model at {tolerance.atol:g} / {tolerance.rtol:g}")
     parity = verify_export(graph, reference, tolerance)
@@ -274,7 +274,7 @@ def export_base(config: SurgeryConfig, graph: ExportedGraph, dtype: str, folder:
     base_graph = export_model(base, folder, graph.opset, graph.backend, task=graph.task, log=lambda _: None,
                               dtype=EXPORT_DTYPES[dtype])
     del base
-    gc.collect()
+    release_memory()
     return base_graph.model_file
 
 

@@ -20,6 +20,7 @@ import torch
 
 from export.decode import PAST, greedy, onnx_feed, presents_as_past, run_named  # onnx_feed: also for callers
 from export.exporters import CAUSAL_LM, ExportedGraph, output_name
+from export.latency import ort_session
 from export.latency import session_options as latency_session_options
 from export.reference import CACHE_STEP_TOKENS, ParityCase, Reference, sample_inputs  # sample_inputs: for callers
 from surgery.tolerances import Tolerance
@@ -118,7 +119,8 @@ def session_options() -> ort.SessionOptions:
 
 
 def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
+    """A CPU session on ``path`` (float16 graphs with export.latency's lean options: one copy of the weights)."""
+    return ort_session(path, "cpu", session_options())
 
 
 # ---- parity -------------------------------------------------------------------------------------------------------

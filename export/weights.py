@@ -9,8 +9,8 @@
    weights; floating buffers (rotary tables, masks: small) are traced in float32 as constants.
 2. :func:`attach_weights`: each parameter input becomes an initializer whose bytes are written from the PyTorch
    tensor, one tensor at a time, cast to the export dtype and transposed on the way where the graph does so (what
-   constant folding would have done; a tensor's converted copy is the only extra memory); past protobuf's 2 GiB
-   they go to one external data file.
+   constant folding would have done; a tensor's converted copy is the only extra memory); past 128 MiB they go
+   to one external data file (inline weights would be held twice more while the file is written).
 
 For a float16 export the weightless graph is converted first (onnxruntime's converter, inputs kept float32): each
 weight input then feeds one Cast to float16, and the weight is written as a float16 initializer in that Cast's
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 PROTOBUF_LIMIT = 2**31  # one serialised ModelProto must stay below 2 GiB
+INLINE_LIMIT = 2**27  # weights up to 128 MiB go inside model.onnx (one file); more are streamed to model.onnx_data
 FLOAT16_MAX = 65504.0
 ALIGNMENT = 4096  # external tensors start on page boundaries (onnxruntime can map them)
 ONNX_DTYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
@@ -74,6 +75,23 @@ def swapped_state(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Ite
     finally:
         for slots, key, tensor in swapped:
             slots[key] = tensor
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the system (glibc's malloc_trim; elsewhere nothing more):
+    freed tensors' pages otherwise stay in the process's RSS, counted against the next stage's peak."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # no C library to load (not glibc): the garbage collection above is what there is
+        pass
 
 
 def unique(tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -170,12 +188,13 @@ def initializer(slot: WeightSlot, tensor: torch.Tensor) -> onnx.TensorProto:
 def attach_weights(model: onnx.ModelProto, parameters: Mapping[str, torch.Tensor], path: Path,
                    dtype: torch.dtype = torch.float32, external: bool | None = None) -> Path:
     """Write ``model`` to ``path`` with every parameter input turned into an initializer holding the parameter's
-    values in ``dtype`` (see :func:`weight_slots`). ``external``: all weights in ``path.name + "_data"`` (default:
-    when they pass 2 GiB), written tensor by tensor; else inline. Returns ``path``."""
+    values in ``dtype`` (see :func:`weight_slots`). ``external``: all weights in ``path.name + "_data"``, written
+    tensor by tensor (default: past INLINE_LIMIT; inline weights are held twice more while the file is written,
+    as TensorProtos and serialised); else inline. Returns ``path``."""
     graph = model.graph
     slots, folded = weight_slots(graph, parameters, dtype)
     total = sum(parameters[s.parameter].numel() * s.dtype.itemsize for s in slots)
-    external = total >= PROTOBUF_LIMIT - 2**26 if external is None else external
+    external = total > INLINE_LIMIT if external is None else external
     data_file = path.with_name(path.name + "_data")
     data_file.unlink(missing_ok=True)
     protos = write_external(slots, parameters, data_file) if external else inline(slots, parameters)
