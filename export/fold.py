@@ -90,17 +90,20 @@ def fold_model(model: AdaptedModel | nn.Module, seed: int = 0, check_tokens: int
         return FoldedModel(module, [])
     folded = tensor_sharing_copy(module, keep=layers.values())
     del layers
-    records = fold_in_place(folded, seed, check_tokens, dtype)
+    records = fold_in_place(folded, seed, check_tokens, dtype, reuse_storage=False)  # the layers are shared
     return FoldedModel(folded.eval(), records)
 
 
 def fold_in_place(model: nn.Module, seed: int = 0, check_tokens: int = CHECK_TOKENS, dtype: torch.dtype | None = None,
-                  before_replacing: Callable[[str, LayerFold], None] | None = None) -> list[LayerFold]:
+                  before_replacing: Callable[[str, LayerFold], None] | None = None,
+                  reuse_storage: bool = True) -> list[LayerFold]:
     """Replace every adapter layer of ``model`` by its fold, one layer at a time; returns the records.
 
     Only layer names are held across iterations, so each unfolded layer is freed as soon as its fold takes its place:
     the peak is the model plus one layer's new weights. ``before_replacing(name, record)`` may raise to stop before a
-    layer is replaced (``export.hf`` refuses residual paths). Errors as :func:`fold_model`.
+    layer is replaced (``export.hf`` refuses residual paths). ``reuse_storage``: write each fold into the storage of
+    the tensors it replaces (:func:`into_old_storage`); the layers must not be used elsewhere. Errors as
+    :func:`fold_model`.
     """
     generator = torch.Generator().manual_seed(seed)
     owners = tensor_owners(model)
@@ -110,7 +113,8 @@ def fold_in_place(model: nn.Module, seed: int = 0, check_tokens: int = CHECK_TOK
         replacement, record = fold_layer(name, layer, generator, check_tokens, dtype)
         if before_replacing is not None:
             before_replacing(name, record)
-        reuse_storage(layer, replacement, shared={i for i, count in owners.items() if count > 1})
+        if reuse_storage:
+            into_old_storage(layer, replacement, shared={i for i, count in owners.items() if count > 1})
         del layer
         model.set_submodule(name, replacement)
         records.append(record)
@@ -128,7 +132,7 @@ def tensor_owners(model: nn.Module) -> dict[int, int]:
 
 
 @torch.no_grad()
-def reuse_storage(old: nn.Module, new: nn.Module, shared: set[int]) -> None:
+def into_old_storage(old: nn.Module, new: nn.Module, shared: set[int]) -> None:
     """Move each tensor of the fold ``new`` into the storage of a tensor of the layer ``old`` it replaces with the same
     shape and dtype (the base weight, for a merged W0 + delta), so that the fold allocates nothing that outlives it.
 

@@ -32,6 +32,7 @@ PROTOBUF_LIMIT = 2**31  # one serialised ModelProto must stay below 2 GiB
 INLINE_LIMIT = 2**27  # weights up to 128 MiB go inside model.onnx (one file); more are streamed to model.onnx_data
 FLOAT16_MAX = 65504.0
 ALIGNMENT = 4096  # external tensors start on page boundaries (onnxruntime can map them)
+CHUNK_BYTES = 2**24  # a weight is converted/transposed and written 16 MiB at a time
 ONNX_DTYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
                torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.int64: onnx.TensorProto.INT64,
                torch.int32: onnx.TensorProto.INT32, torch.bool: onnx.TensorProto.BOOL}
@@ -167,9 +168,20 @@ def cast_target(node: onnx.NodeProto) -> int | None:
     return next((attribute.i for attribute in node.attribute if attribute.name == "to"), None)
 
 
-def tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype, perm: tuple[int, ...] | None = None) -> memoryview:
-    """The raw little-endian bytes of ``tensor`` permuted by ``perm`` in ``dtype`` (one converted copy at most)."""
+def tensor_chunks(tensor: torch.Tensor, dtype: torch.dtype, perm: tuple[int, ...] | None = None,
+                  chunk_bytes: int | None = CHUNK_BYTES) -> Iterator[memoryview]:
+    """The raw little-endian bytes of ``tensor`` permuted by ``perm`` in ``dtype``, in pieces of about
+    ``chunk_bytes`` (slices along the permuted tensor's first axis; None: one piece), so that a transposed or
+    converted weight costs one piece of extra memory, not a copy of the weight."""
     data = tensor.detach() if perm is None else tensor.detach().permute(perm)
+    rows = data.shape[0] if data.dim() else 1
+    row_bytes = max(1, data[0].numel() if data.dim() else 1) * max(dtype.itemsize, data.dtype.itemsize)
+    step = rows if chunk_bytes is None else max(1, chunk_bytes // row_bytes)
+    for start in range(0, rows, step):
+        yield piece_bytes(data[start:start + step] if data.dim() else data, dtype)
+
+
+def piece_bytes(data: torch.Tensor, dtype: torch.dtype) -> memoryview:
     if data.is_floating_point():
         if dtype == torch.float16:  # beyond float16's range: the largest finite value, not inf (as onnxruntime does)
             data = data.clamp(-FLOAT16_MAX, FLOAT16_MAX)
@@ -214,7 +226,7 @@ def inline(slots: list[WeightSlot], parameters: Mapping[str, torch.Tensor]) -> l
     protos = []
     for slot in slots:
         proto = initializer(slot, parameters[slot.parameter])
-        proto.raw_data = tensor_bytes(parameters[slot.parameter], slot.dtype, slot.perm).tobytes()
+        proto.raw_data = b"".join(tensor_chunks(parameters[slot.parameter], slot.dtype, slot.perm))
         protos.append(proto)
     return protos
 
@@ -228,15 +240,13 @@ def write_external(slots: list[WeightSlot], parameters: Mapping[str, torch.Tenso
             tensor = parameters[slot.parameter]
             offset = -(-handle.tell() // ALIGNMENT) * ALIGNMENT
             handle.seek(offset)
-            data = tensor_bytes(tensor, slot.dtype, slot.perm)
-            handle.write(data)
+            length = sum(handle.write(piece) for piece in tensor_chunks(tensor, slot.dtype, slot.perm))
             proto = initializer(slot, tensor)
             proto.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_file.name), ("offset", str(offset)), ("length", str(len(data)))):
+            for key, value in (("location", data_file.name), ("offset", str(offset)), ("length", str(length))):
                 entry = proto.external_data.add()
                 entry.key, entry.value = key, value
             protos.append(proto)
-            del data
     return protos
 
 
