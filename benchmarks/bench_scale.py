@@ -263,11 +263,11 @@ def randomise_adapters(ckpt: Path, seed: int = 0) -> None:
     (ckpt / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
 
-def run_measured(step: str, module_args: tuple[str, ...], folder: Path) -> StepRun:
+def run_measured(step: str, module_args: tuple[str, ...], folder: Path, python: str = sys.executable) -> StepRun:
     """``python -m MODULE ARGS`` in a fresh child through PEAK_WRAPPER; raises when it fails."""
     peak_file = folder / f"peak_{step.replace(' ', '_').replace('+', '')}.txt"
     command = python_command(*module_args)
-    child = run_child([sys.executable, "-c", PEAK_WRAPPER, str(peak_file), *module_args], cwd=REPO)
+    child = run_child([python, "-c", PEAK_WRAPPER, str(peak_file), *module_args], cwd=REPO)
     if child.returncode != 0:
         peak = f"{int(peak_file.read_text()) / 1024:,.0f} MiB" if peak_file.is_file() else "unknown"
         raise RuntimeError(f"{step} failed ({child.returncode}, peak RSS {peak}): {' '.join(command)}\n"
@@ -290,6 +290,22 @@ def run_steps(shape: str, folder: Path, setting: Setting) -> list[StepRun]:
               f"{run.child.peak_rss_bytes / MIB:,.0f} MiB)", flush=True)
         runs.append(run)
     return runs
+
+
+OPTIMUM_STEP = "optimum-onnx export of the base"
+COMPAT_PYTHON = REPO / ".venv-compat" / "bin" / "python"  # make test-compat's: transformers 4.56 + optimum-onnx
+
+
+def optimum_export(python: Path, folder: Path) -> StepRun:
+    """optimum-onnx's own export of the base model (no adapters: it has none of these methods), with the KV cache,
+    in the virtualenv that has it; the same peak measurement as ours."""
+    args = ("optimum.exporters.onnx", "--model", str(folder / "model"), "--task", "text-generation-with-past",
+            str(folder / "onnx_optimum"))
+    run = run_measured(OPTIMUM_STEP, args, folder, python=str(python))
+    print(f"  {folder.name} / {OPTIMUM_STEP}: {run.child.wall_s:.1f} s wall, {run.peak_rss_bytes / MIB:,.0f} MiB "
+          f"peak RSS", flush=True)
+    shutil.rmtree(folder / "onnx_optimum", ignore_errors=True)
+    return run
 
 
 def export_files(folder: Path) -> dict[str, int]:
@@ -674,6 +690,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="dtype of the random weights on disk (float16 exports --dtype fp16, the others fp32)")
     parser.add_argument("--method", choices=sorted(METHODS), default="lora",
                         help="lora: r=8 on all-linear; proda: r=8 on q_proj, v_proj")
+    parser.add_argument("--optimum", type=Path, nargs="?", const=COMPAT_PYTHON,
+                        help="also measure optimum-onnx's export of the base model, run by this Python (default "
+                             f"{COMPAT_PYTHON.relative_to(REPO)}, built by make test-compat); float32 only")
     parser.add_argument("--profile-child", nargs=4, metavar=("CKPT", "OUT", "RESULT", "DTYPE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -698,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
         reference_runs = run_steps(REFERENCE, folder / REFERENCE, setting)
         fixed = {run.step: run.peak_rss_bytes for run in reference_runs}
         runs = run_steps(args.shape, folder / args.shape, setting)
+        if args.optimum and setting.export_dtype == "fp32":  # optimum exports fp16 on CUDA only
+            reference_runs.append(optimum_export(args.optimum, folder / REFERENCE))
+            fixed[OPTIMUM_STEP] = reference_runs[-1].peak_rss_bytes
+            runs.append(optimum_export(args.optimum, folder / args.shape))
         rows = step_rows(args.shape, runs, fixed, size, params, setting)
         ref_params, ref_size = model_bytes(REFERENCE, setting)
         rows += step_rows(REFERENCE, reference_runs, fixed, ref_size, ref_params, setting)

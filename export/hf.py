@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from export.exporters import CAUSAL_LM, SEQ_CLS
 from export.fold import FoldError, LayerFold, dtype_name, fold_in_place, fold_layer
-from export.onnx import TOKENIZER_FILES, Log, Steps, model_dtype
+from export.onnx import MODEL_PATH_HELP, TOKENIZER_FILES, Log, Steps, model_dtype
 from export.reference import GREEDY_SHAPE, PARITY_SHAPES, main_output, pad_id, sample_inputs
 from export.verify import Difference, compare
 from surgery.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, read_manifest
@@ -442,8 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(adapter.safetensors, surgery.yaml, checkpoint.json)")
     parser.add_argument("--out", type=Path, required=True,
                         help="the folder to write; must not exist or be empty unless --overwrite")
-    parser.add_argument("--model-path", help="where the base model is now, if it moved since training (its weights "
-                                             "must be the ones the checkpoint was trained on)")
+    parser.add_argument("--model-path", help=MODEL_PATH_HELP)
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help=f"largest safetensors shard, e.g. 2GB or 500MB (default {DEFAULT_MAX_SHARD_SIZE})")
     parser.add_argument("--overwrite", action="store_true",

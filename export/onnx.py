@@ -4,12 +4,13 @@
     python -m export.onnx runs/demo                               # the unfolded adapter graph (for comparison)
     python -m export.onnx runs/demo --merge --dtype fp16 --max-overhead 1.2 --out exported/
 
-Steps: load the checkpoint onto its untouched base model; fold every adapter layer (``--merge``; each fold checked
-against its layer); export with torch.onnx (decoders with their KV cache; optimum-onnx instead where the [optimum]
-extra is installed and knows the architecture); check onnxruntime against the unfolded PyTorch model (a cached step
-and greedy decoding for decoders); measure
-latency against the base model exported the same way; check TensorRT readiness and an fp16 variant; write
-``export_report.json`` and ``EXPORT_REPORT.md`` into the output folder.
+Steps, one copy of the weights at a time: load the checkpoint onto its untouched base model (memory-mapped); run the
+unfolded model on the verification inputs and keep only its outputs; fold every adapter layer in place (``--merge``;
+each fold checked against its layer); export with torch.onnx, weights streamed tensor by tensor (decoders with their
+KV cache; optimum-onnx instead where the [optimum] extra is installed and knows the architecture); free the PyTorch
+model; check onnxruntime against the recorded outputs (a cached step and greedy decoding for decoders); measure
+latency against the base model exported the same way, one session at a time; check TensorRT readiness and an fp16
+variant; write ``export_report.json`` and ``EXPORT_REPORT.md`` into the output folder.
 
 Exit status: 0 when every check passed; 1 when a check failed: parity, greedy decoding, the fp16 variant or
 ``--max-overhead`` (the report is written, with the error), or a layer's fold beyond tolerance (nothing is exported);
@@ -53,6 +54,8 @@ LATENCY_BATCH, LATENCY_MAX_SEQUENCE = 1, 128
 USER_ERRORS = (CheckpointError, ModelLoadError, ConfigError, TargetError, ExportError, FileNotFoundError, ValueError)
 
 Log = Callable[[str], None]
+MODEL_PATH_HELP = ("where the base model is now, if it moved since training (its weights must be the ones the "
+                   "checkpoint was trained on)")
 
 
 class ExportFailed(RuntimeError):
@@ -399,14 +402,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                         help="auto: optimum-onnx where the [optimum] extra is installed and knows the "
                              "architecture, else torch.onnx (decoders with the KV cache); optimum or torch force one")
-    parser.add_argument("--model-path", help="where the base model is now, if it moved since training (its weights "
-                                             "must be the ones the checkpoint was trained on)")
+    parser.add_argument("--model-path", help=MODEL_PATH_HELP)
     parser.add_argument("--base-onnx", type=Path, help="an existing ONNX export of the base model to compare latency "
                                                        "against (default: export it again, the same way)")
     parser.add_argument("--no-latency", action="store_true",
-                        help="skip the latency measurement; the export then holds one PyTorch model at a time (peak RSS "
-                             "2.3x the model's bytes on a 1.1B Llama instead of 3.1x: the unfolded model is reloaded "
-                             "to verify)")
+                        help="skip the latency measurement (and the base model's export it needs)")
     parser.add_argument("--no-fp16-check", action="store_true",
                         help="skip building and verifying the fp16 variant (TensorRT readiness)")
     return parser.parse_args(argv)
