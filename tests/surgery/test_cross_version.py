@@ -22,11 +22,10 @@ import transformers
 from torch import nn
 
 import surgery.checkpoint as checkpoint
-from surgery.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from surgery.config import parse_config
+from surgery.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint
 from surgery.model import ModelLoadError, load_model
-from surgery.rewrite import AdaptedModel, apply_surgery
-from tests.method_configs import small_method
+from surgery.rewrite import AdaptedModel
+from tests.surgery.test_checkpoint import trained_like
 from tests.tiny_models import random_ids, save_tiny_model
 
 pytestmark = pytest.mark.compat
@@ -44,17 +43,7 @@ def bert_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def saved_checkpoint(base: Path, out: Path, method: str = "lora") -> AdaptedModel:
     """Surgery on ``base`` with random non-zero adapters and head (as if trained), saved to ``out``."""
-    config = parse_config({"model": {"name_or_path": str(base), "task": "seq-cls"}, "targets": ["query", "value"],
-                           "method": small_method(method), "output_dir": str(out)})
-    adapted = apply_surgery(load_model(config.model), config)
-    generator = torch.Generator().manual_seed(3)
-    for layer in adapted.layers.values():
-        layer.randomize_(generator, std=0.2)
-    with torch.no_grad():
-        for param in adapted.model.classifier.parameters():
-            param.add_(torch.randn(param.shape, generator=generator))
-    save_checkpoint(adapted, out)
-    return adapted
+    return trained_like(base, method, out)
 
 
 def record_version(folder: Path, version: str, drop: tuple[str, ...] = ()) -> None:
