@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from export.weights import release_pages
 from surgery.layers import ADAPTABLE_TYPES, is_adaptable, layer_dims, weight_out_in
 from surgery.methods.base import AdapterLayer
 from surgery.rewrite import AdaptedModel, adapter_layers
@@ -138,8 +139,10 @@ def into_old_storage(old: nn.Module, new: nn.Module, shared: set[int]) -> None:
 
     The base weights of a model loaded from safetensors are views of the file's memory map: a new tensor would add
     its bytes while the mapping stays resident (other tensors of the shard keep it alive); written into the old
-    storage, the page only turns from file-backed to private. Old tensors also held elsewhere (``shared``: tied
-    weights) or still used by ``new`` are left alone.
+    storage, the page only turns from file-backed to private. Old tensors that nothing fits in (ProDA's static
+    weight is wider than W0; a float32 fold of a bfloat16 base) have their pages released instead
+    (``export.weights.release_pages``). Old tensors also held elsewhere (``shared``: tied weights) or still used by
+    ``new`` are left alone.
     """
     in_use = {t.untyped_storage().data_ptr() for t in itertools.chain(new.parameters(), new.buffers())}
     pool: dict[tuple, list[torch.Tensor]] = {}
@@ -154,6 +157,8 @@ def into_old_storage(old: nn.Module, new: nn.Module, shared: set[int]) -> None:
                     storage = target.pop()
                     storage.data.copy_(tensor.data)
                     slots[key].data = storage.data
+    for leftover in itertools.chain.from_iterable(pool.values()):  # dead, nothing of the fold fits in them
+        release_pages(leftover)
 
 
 def fold_layer(

@@ -95,6 +95,27 @@ def release_memory() -> None:
         pass
 
 
+PAGE = 4096
+MADV_DONTNEED = 4  # Linux
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Tell the kernel the pages lying wholly inside ``tensor``'s bytes are no longer needed (Linux ``madvise``
+    MADV_DONTNEED), for a tensor that is dead but whose memory stays mapped: a base weight replaced by a fold of
+    another shape or dtype, a view of the safetensors file's private mapping that lives on while other weights of
+    the shard do. Its file-backed pages leave the process's RSS (a later read would reload them from the file); on
+    anonymous memory they would read back as zeros. Elsewhere, or for a tensor under one page, nothing happens."""
+    import ctypes
+    import sys
+
+    start = -(-tensor.data_ptr() // PAGE) * PAGE
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // PAGE * PAGE
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or end <= start:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(MADV_DONTNEED))
+
+
 def unique(tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
     seen: set[int] = set()
     for tensor in tensors:
