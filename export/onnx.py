@@ -20,6 +20,7 @@ Exit status: 0 when every check passed; 1 when a check failed: parity, greedy de
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import tempfile
@@ -139,14 +140,23 @@ def check_options(opset: int, dtype: str, max_overhead: float | None, latency: b
     if opset < MIN_OPSET:
         raise ValueError(f"--opset {opset}: use {MIN_OPSET} or later (TensorRT readiness needs LayerNormalization "
                          f"as one op); the default is {DEFAULT_OPSET}")
+    if opset > newest_opset():
+        raise ValueError(f"--opset {opset}: the installed onnx knows opsets up to {newest_opset()}; the default is "
+                         f"{DEFAULT_OPSET}")
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
     if dtype == "bf16":
         raise ValueError(bf16_refusal(cpu_bf16_problem()))
-    if max_overhead is not None and max_overhead <= 0:
-        raise ValueError(f"--max-overhead {max_overhead}: must be a positive ratio (e.g. 1.2)")
+    if max_overhead is not None and not (math.isfinite(max_overhead) and max_overhead > 0):
+        raise ValueError(f"--max-overhead {max_overhead}: must be a positive, finite ratio (e.g. 1.2)")
     if max_overhead is not None and not latency:
         raise ValueError("--max-overhead needs the latency measurement; drop --no-latency")
+
+
+def newest_opset() -> int:
+    import onnx.defs
+
+    return int(onnx.defs.onnx_opset_version())
 
 
 def cpu_bf16_problem() -> str | None:

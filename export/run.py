@@ -196,13 +196,24 @@ class OnnxPipeline:
 # -- command line ----------------------------------------------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports the error naming the flag and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be an integer >= 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="exported folder (model.onnx, config.json, tokenizer files)")
     parser.add_argument("--text", action="append", required=True, help="input text; repeat for a batch")
     parser.add_argument("--text-pair", action="append", help="second segment per --text (classification)")
     parser.add_argument("--provider", default="cpu", help=f"one of {', '.join(PROVIDERS)} (default cpu)")
-    parser.add_argument("--max-new-tokens", type=int, default=20, help="causal LM: tokens to generate")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=20, help="causal LM: tokens to generate (>= 1)")
     return parser
 
 

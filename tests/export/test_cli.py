@@ -235,12 +235,18 @@ def test_exceeded_max_overhead_exits_1(ckpts, tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["--opset", "16"], "--opset 16: use 17 or later"),
-    (["--max-overhead", "0"], "--max-overhead 0.0: must be a positive ratio"),
+    (["--max-overhead", "0"], "--max-overhead 0.0: must be a positive, finite ratio"),
+    (["--max-overhead", "nan"], "--max-overhead nan: must be a positive, finite ratio"),
+    (["--max-overhead", "inf"], "--max-overhead inf: must be a positive, finite ratio"),
+    (["--opset", "99"], "--opset 99: the installed onnx knows opsets up to"),
     (["--max-overhead", "2", "--no-latency"], "--max-overhead needs the latency measurement"),
 ])
-def test_bad_options_exit_2(argv: list[str], message: str, ckpts, capsys) -> None:
-    assert main([str(ckpts["bert"]), "--merge", *argv]) == 2
+def test_bad_options_exit_2(argv: list[str], message: str, ckpts, capsys, tmp_path: Path) -> None:
+    before = {path: path.read_bytes() for path in ckpts["bert"].rglob("*") if path.is_file()}
+    assert main([str(ckpts["bert"]), "--merge", "--out", str(tmp_path / "out"), *argv]) == 2
     assert message in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in ckpts["bert"].rglob("*") if path.is_file()} == before
+    assert not (tmp_path / "out").exists(), "nothing is written for unusable options"
 
 
 def test_missing_checkpoint_exits_2(tmp_path: Path, capsys) -> None:

@@ -128,6 +128,14 @@ def test_missing_folder_and_model_file(bert, tmp_path, capsys):
     assert "has no tokenizer files" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-3", "0", "many"])
+def test_cli_refuses_a_max_new_tokens_below_1(value: str, gpt2, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([str(gpt2[1]), "--text", PROMPT, "--max-new-tokens", value])
+    assert stop.value.code == 2
+    assert "--max-new-tokens" in capsys.readouterr().err
+
+
 def test_cli_classifies_and_generates(bert, gpt2, capsys):
     assert main([str(bert[1]), "--text", "the cat sat", "--text-pair", "it was good"]) == 0
     out = capsys.readouterr().out
