@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from torch import nn
 
 from export.exporters import CAUSAL_LM, BACKEND_CHOICES, ExportedGraph, ExportError, export_model, model_task
 from export.fold import FoldError, LayerFold, fold_in_place, model_macs, unfolded_layers
+from export.outdir import FP16_DIR, check_out, clear_recorded, record_written
 from export.reference import GREEDY_TOKENS, PARITY_SHAPES, Reference, record_reference, sample_inputs
 from export.report import summary, write_report
 from export.verify import Parity, verify_export
@@ -48,7 +48,6 @@ from surgery.tolerances import MODEL, Tolerance
 DEFAULT_OPSET = 18  # optimum-onnx's default for these architectures; TensorRT 10 parses opsets 9-20
 MIN_OPSET = 17  # LayerNormalization as one op
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # bf16: refused (check_options)
-FP16_DIR = "fp16"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 LATENCY_BATCH, LATENCY_MAX_SEQUENCE = 1, 128
@@ -81,6 +80,7 @@ def export_checkpoint(
     base_onnx: str | Path | None = None,
     latency: bool = True,
     fp16_check: bool = True,
+    overwrite: bool = False,
     log: Log = print,
 ) -> dict[str, Any]:
     """Fold (``merge``), export, verify, measure and report one checkpoint; returns the report.
@@ -89,12 +89,15 @@ def export_checkpoint(
     (``export.reference``), the layers are folded in place, the exporter writes the weights tensor by tensor, and the
     PyTorch model is freed before onnxruntime opens the export. ``base_onnx`` reuses an export of the base model for
     the latency comparison (else one is made the same way in a temporary folder; the two are timed one after the
-    other). Raises :class:`ExportFailed` (report written) when a check fails, :class:`FoldError` when a layer's fold
-    is off, and CheckpointError / ModelLoadError / ExportError / ValueError for unusable inputs.
+    other). ``out`` may hold an earlier export (whose files, and only those, are replaced: ``export.outdir``);
+    other files need ``overwrite``. Raises :class:`ExportFailed` (report written) when a check fails,
+    :class:`FoldError` when a layer's fold is off, and CheckpointError / ModelLoadError / ExportError / ValueError
+    (OutFolderError among them) for unusable inputs.
     """
     check_options(opset, dtype, max_overhead, latency)
     ckpt = Path(ckpt)
     out = Path(out) if out is not None else ckpt / ("onnx" if merge else "onnx_unfolded")
+    check_out(out, overwrite)
     tolerance = export_tolerance(dtype)
     step = Steps(log, total=7 if latency else 6)
     step("loading the checkpoint", f"{ckpt}")
@@ -110,7 +113,7 @@ def export_checkpoint(
     layers = fold_in_place(model, dtype=EXPORT_DTYPES[dtype]) if merge else unfolded_layers(adapted)
     del adapted
     step("exporting", f"into {out}, weights in {dtype}")
-    clear_previous_export(out)
+    before = clear_recorded(out)
     graph = export_model(model, out, opset, backend, task=task, log=step.detail, dtype=EXPORT_DTYPES[dtype])
     variant = fp16_variant_from(model, graph) if fp16_check and dtype != "fp16" else None
     report = base_report(ckpt, config, graph, merge, dtype, layers, model_macs(model, layers))
@@ -121,7 +124,7 @@ def export_checkpoint(
     parity = verify_export(graph, reference, tolerance)
     report["parity"] = parity.as_dict()
     if not parity.passed:
-        fail(report, out, parity.failure() or "parity failed")
+        fail(report, out, parity.failure() or "parity failed", before)
     if latency:
         step("measuring latency", "against the base model exported the same way, one session at a time")
         report["latency"] = measure(graph, config, reference, dtype, base_onnx, max_overhead)
@@ -129,9 +132,9 @@ def export_checkpoint(
     report["tensorrt"] = tensorrt_section(graph, reference, layers, dtype, variant, parity, report["errors"])
     overhead_error(report, max_overhead)
     if report["errors"]:
-        fail(report, out, "; ".join(report["errors"]))
+        fail(report, out, "; ".join(report["errors"]), before)
     report["passed"] = True
-    write_report(report, out)
+    finish(report, out, before)
     step.done(out)
     return report
 
@@ -236,16 +239,6 @@ def fp16_variant_from(model: nn.Module, graph: ExportedGraph) -> ExportedGraph:
     into ``FP16_DIR`` beside the export, with the same backend and opset."""
     return export_model(model, graph.folder / FP16_DIR, graph.opset, graph.backend, task=graph.task,
                         log=lambda _: None, dtype=torch.float16)
-
-
-def clear_previous_export(out: Path) -> None:
-    """Remove what an earlier export left in ``out`` (graphs, external data, the fp16 variant, reports)."""
-    if not out.is_dir():
-        return
-    for pattern in ("*.onnx", "*.onnx_data", "*.onnx.data", "export_report.json", "EXPORT_REPORT.md"):
-        for path in out.glob(pattern):
-            path.unlink()
-    shutil.rmtree(out / FP16_DIR, ignore_errors=True)
 
 
 def save_tokenizer(config: SurgeryConfig, out: Path, log: Log) -> None:
@@ -377,13 +370,20 @@ def versions() -> dict[str, str]:
     return found
 
 
-def fail(report: dict[str, Any], out: Path, message: str) -> None:
+def fail(report: dict[str, Any], out: Path, message: str, kept: set[str]) -> None:
     """Write the report as failed and raise ExportFailed."""
     if message not in report["errors"]:
         report["errors"].append(message)
     report["passed"] = False
-    write_report(report, out)
+    finish(report, out, kept)
     raise ExportFailed(message, report)
+
+
+def finish(report: dict[str, Any], out: Path, kept: set[str]) -> None:
+    """Write the report and the record of the files this export wrote (what the next export may delete; ``kept``:
+    files that were there before, not claimed)."""
+    write_report(report, out)
+    record_written(out, kept)
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
@@ -417,6 +417,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                        "against (default: export it again, the same way)")
     parser.add_argument("--no-latency", action="store_true",
                         help="skip the latency measurement (and the base model's export it needs)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="export into an --out holding files no earlier export wrote (files of the names the "
+                             "export writes are replaced, no other file is deleted); an earlier export's own files "
+                             "are always replaced")
     parser.add_argument("--no-fp16-check", action="store_true",
                         help="skip building and verifying the fp16 variant (TensorRT readiness)")
     return parser.parse_args(argv)
@@ -429,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.out, merge=args.merge, opset=args.opset, dtype=args.dtype,
             max_overhead=args.max_overhead, backend=args.backend, model_path=args.model_path,
             base_onnx=args.base_onnx, latency=not args.no_latency, fp16_check=not args.no_fp16_check,
+            overwrite=args.overwrite,
         )
     except ExportFailed as failure:
         print(summary(failure.report))

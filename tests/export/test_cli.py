@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import export.onnx as export_onnx
+from export.outdir import RECORD
 from export.onnx import main
 from export.report import REPORT_JSON, REPORT_MD
 from surgery.checkpoint import ADAPTER_FILE, load_checkpoint
@@ -262,3 +263,54 @@ def test_a_base_without_tokenizer_exports_with_a_warning(tmp_path: Path, capsys)
     assert "[1/6] loading the checkpoint" in printed and "export passed" in printed
     assert f"warning: {base} has no tokenizer files" in printed
     assert (ckpt / "onnx" / "model.onnx").is_file() and not (ckpt / "onnx" / "tokenizer.json").exists()
+
+
+# ---- the output folder: an export deletes only what an export wrote ------------------------------------------------
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def users_folder(folder: Path) -> Path:
+    (folder / "fp16").mkdir(parents=True)
+    (folder / "notes.onnx").write_bytes(b"a user's own graph")
+    (folder / "fp16" / "keep.txt").write_text("a user's file where the fp16 variant goes")
+    return folder
+
+
+def test_a_folder_of_someone_elses_files_is_refused_untouched(ckpts, tmp_path: Path, capsys) -> None:
+    out = users_folder(tmp_path / "mine")
+    before = tree(out)
+    assert main([str(ckpts["bert"]), "--merge", "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: the folder holds files no export wrote" in err and "--overwrite" in err
+    assert "notes.onnx" in err and tree(out) == before
+
+
+def test_overwrite_exports_into_it_and_deletes_none_of_its_files(ckpts, tmp_path: Path) -> None:
+    out = users_folder(tmp_path / "mine")
+    assert main([str(ckpts["bert"]), "--merge", "--out", str(out), "--overwrite", "--no-latency"]) == 0
+    assert (out / "notes.onnx").read_bytes() == b"a user's own graph"
+    assert (out / "fp16" / "keep.txt").is_file() and (out / "fp16" / "model.onnx").is_file()
+    written = json.loads((out / RECORD).read_text())["files"]
+    assert "model.onnx" in written and "fp16/model.onnx" in written
+    assert "notes.onnx" not in written and "fp16/keep.txt" not in written
+
+
+def test_a_second_export_replaces_the_first_exports_files_and_only_those(ckpts, tmp_path: Path) -> None:
+    out = tmp_path / "onnx"
+    assert main([str(ckpts["bert"]), "--merge", "--out", str(out), "--no-latency"]) == 0  # with the fp16 variant
+    (out / "mine.txt").write_text("added by the user after the export")
+    assert main([str(ckpts["bert"]), "--merge", "--out", str(out), *FAST, "--overwrite"]) == 0
+    assert not (out / "fp16").exists(), "the first export's fp16 variant is gone"
+    assert (out / "mine.txt").read_text() == "added by the user after the export"
+    assert main([str(ckpts["bert"]), "--merge", "--out", str(out), *FAST, "--overwrite"]) == 0
+    assert (out / "mine.txt").is_file() and (out / "model.onnx").is_file()
+
+
+def test_a_damaged_record_is_refused_naming_it(ckpts, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / RECORD).write_text('{"files": ["../../etc/passwd"]}')
+    before = tree(out)
+    assert main([str(ckpts["bert"]), "--merge", "--out", str(out), *FAST]) == 2
+    assert "lists paths outside the folder" in capsys.readouterr().err and tree(out) == before

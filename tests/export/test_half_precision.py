@@ -351,7 +351,7 @@ def test_fp16_export_of_weights_beyond_float16_range_exits_2_and_writes_nothing(
     (out / "model.onnx").write_bytes(b"an earlier export")
     before, before_out = tree_digest(ckpt), tree_digest(out)
     code = main([str(ckpt), "--merge", "--dtype", "fp16", "--out", str(out), "--backend", "torch", "--no-latency",
-                 "--no-fp16-check"])
+                 "--no-fp16-check", "--overwrite"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"layer '{name}' (lora)" in err and "beyond float16's largest value" in err and "--dtype fp32" in err
