@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.text_pair is not None and len(args.text_pair) != len(args.text):
         parser.error(f"{len(args.text)} --text but {len(args.text_pair)} --text-pair; give one pair per text")
+    empty = [i + 1 for i, text in enumerate(args.text) if not text.strip()]
+    if empty:
+        parser.error(f"--text number {', '.join(map(str, empty))} is empty; give the text to run")
     try:
         pipeline = OnnxPipeline.from_dir(args.folder, provider=args.provider)
         _print_results(pipeline, args)

@@ -136,6 +136,15 @@ def test_cli_refuses_a_max_new_tokens_below_1(value: str, gpt2, capsys) -> None:
     assert "--max-new-tokens" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("texts", [[""], ["fine", "   "]])
+def test_cli_refuses_empty_text_naming_it(texts: list[str], gpt2, capsys) -> None:
+    argv = [str(gpt2[1])] + [arg for text in texts for arg in ("--text", text)]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert f"--text number {len(texts)} is empty" in capsys.readouterr().err
+
+
 def test_cli_classifies_and_generates(bert, gpt2, capsys):
     assert main([str(bert[1]), "--text", "the cat sat", "--text-pair", "it was good"]) == 0
     out = capsys.readouterr().out
