@@ -107,7 +107,7 @@ def fold_in_place(model: nn.Module, seed: int = 0, check_tokens: int = CHECK_TOK
     :func:`fold_model`.
     """
     generator = torch.Generator().manual_seed(seed)
-    owners = tensor_owners(model)
+    shared = tied_tensors(model) if reuse_storage else set()
     records = []
     for name in list(adapter_layers(model)):
         layer = model.get_submodule(name)
@@ -115,21 +115,22 @@ def fold_in_place(model: nn.Module, seed: int = 0, check_tokens: int = CHECK_TOK
         if before_replacing is not None:
             before_replacing(name, record)
         if reuse_storage:
-            into_old_storage(layer, replacement, shared={i for i, count in owners.items() if count > 1})
+            into_old_storage(layer, replacement, shared)
         del layer
         model.set_submodule(name, replacement)
         records.append(record)
     return records
 
 
-def tensor_owners(model: nn.Module) -> dict[int, int]:
-    """id of each parameter/buffer -> how many module slots hold it (tied weights: more than one)."""
-    counts: dict[int, int] = {}
+def tied_tensors(model: nn.Module) -> set[int]:
+    """ids of the parameters/buffers that more than one module slot holds (tied weights)."""
+    seen: set[int] = set()
+    tied: set[int] = set()
     for module in model.modules():
         for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
             if tensor is not None:
-                counts[id(tensor)] = counts.get(id(tensor), 0) + 1
-    return counts
+                (tied if id(tensor) in seen else seen).add(id(tensor))
+    return tied
 
 
 @torch.no_grad()
@@ -209,28 +210,21 @@ def accumulation_dtype(layer: AdapterLayer, out_dtype: torch.dtype) -> torch.dty
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def cast_copy(module: nn.Module, dtype: torch.dtype, cache: dict[int, torch.Tensor] | None = None) -> nn.Module:
+def cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``module`` with every floating tensor in ``dtype``: the module itself when they all are, else a copy whose other
-    tensors are shared (an upcast from half precision is exact, so the copy computes with the stored values).
-
-    ``cache`` (by ``id`` of the original tensor; valid while the originals live) lets two calls share the converted
-    tensors, e.g. a float32 reference and the float32 copy of a folded model that shares the unfolded one's tensors.
-    """
+    tensors are shared (an upcast from half precision is exact, so the copy computes with the stored values)."""
     tensors = [*module.parameters(), *module.buffers()]
     if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
         return module
-    cache = {} if cache is None else cache
     memo: dict[int, object] = {}
     for tensor in tensors:
         if not tensor.is_floating_point() or tensor.dtype == dtype:
             memo[id(tensor)] = tensor
             continue
-        if id(tensor) not in cache:
-            converted = tensor.detach().to(dtype)
-            if isinstance(tensor, nn.Parameter):
-                converted = nn.Parameter(converted, requires_grad=tensor.requires_grad)
-            cache[id(tensor)] = converted
-        memo[id(tensor)] = cache[id(tensor)]
+        converted = tensor.detach().to(dtype)
+        if isinstance(tensor, nn.Parameter):
+            converted = nn.Parameter(converted, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = converted
     return copy.deepcopy(module, memo)
 
 
@@ -261,7 +255,7 @@ def merge_errors(name: str, layer: AdapterLayer, folded: nn.Module) -> tuple[flo
     base, ours = layer.merge_base.detach(), static_weight(name, folded)
     delta = layer.static_update(layer.fold_dtype())
     ours_error = peft_error = 0.0
-    for rows in row_blocks(base):  # float64 a block of rows at a time: a 7B MLP weight would be 360 MB a copy
+    for rows in row_blocks(base):  # the float64 sums and differences a block of rows at a time, not a layer
         exact = base[rows].double() + update[rows]
         peft = (base[rows] + delta[rows].to(base.dtype)).to(ours.dtype)
         ours_error = max(ours_error, float((ours[rows].double() - exact).abs().max()))

@@ -47,6 +47,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from export.exporters import CAUSAL_LM, SEQ_CLS
 from export.fold import FoldError, LayerFold, dtype_name, fold_in_place, fold_layer
 from export.onnx import MODEL_PATH_HELP, TOKENIZER_FILES, Log, Steps, model_dtype
+from export.outdir import OutFolderError, few, refuse_non_folder
 from export.reference import GREEDY_SHAPE, PARITY_SHAPES, main_output, pad_id, sample_inputs
 from export.verify import Difference, compare
 from surgery.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, read_manifest
@@ -67,10 +68,6 @@ SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingfac
 
 class ResidualError(ValueError):
     """A checkpoint whose fold keeps an input-dependent path, which a stock transformers folder cannot hold."""
-
-
-class OutFolderError(ValueError):
-    """An ``--out`` folder this export must not write or replace."""
 
 
 class VerificationFailed(RuntimeError):
@@ -184,15 +181,14 @@ def base_folder(model: ModelConfig) -> Path | None:
 def check_out(out: Path, overwrite: bool, protected: dict[str, Path | None]) -> None:
     """Refuse an ``--out`` that is a file, that holds files (unless ``overwrite``) or that would replace or contain
     one of the ``protected`` folders (even with ``overwrite``)."""
-    if out.exists() and not out.is_dir():
-        raise OutFolderError(f"--out {out}: exists and is not a folder; choose a folder path")
+    refuse_non_folder(out)
     for what, folder in protected.items():
         if folder is not None and (out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents):
             raise OutFolderError(f"--out {out}: would replace {what} ({folder}); choose another folder")
     entries = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
     if entries and not overwrite:
-        raise OutFolderError(f"--out {out}: the folder is not empty ({few(entries)}); pass --overwrite to replace it once "
-                             f"the new export has passed verification, or choose another folder")
+        raise OutFolderError(f"--out {out}: the folder is not empty ({few(entries, NAMED)}); pass --overwrite to "
+                             f"replace it once the new export has passed verification, or choose another folder")
 
 
 def parity_tolerance(dtype: torch.dtype, ckpt: Path) -> Tolerance:
@@ -236,16 +232,10 @@ def residual_message(model: nn.Module, name: str, record: LayerFold, ckpt: Path)
     return (
         f"{ckpt}: layer {name!r} ({record.method}) keeps an input-dependent path after folding: {record.residual}. "
         f"A stock transformers folder holds only the base architecture's weights and cannot carry it; "
-        f"{len(same)} adapted layer(s) use this adapter ({few(same)}). Nothing was written. Export with "
+        f"{len(same)} adapted layer(s) use this adapter ({few(same, NAMED)}). Nothing was written. Export with "
         f"`python -m export.onnx {ckpt} --merge` instead: it folds the static part and ships the residual as a "
         f"small graph next to each folded layer"
     )
-
-
-def few(names: list[str]) -> str:
-    """The first NAMED names, then a count of the rest."""
-    rest = len(names) - NAMED
-    return ", ".join(names[:NAMED]) + (f" and {rest} more" if rest > 0 else "")
 
 
 # ---- reference outputs --------------------------------------------------------------------------------------------

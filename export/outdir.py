@@ -21,7 +21,18 @@ SHOWN = 5
 
 
 class OutFolderError(ValueError):
-    """``--out`` cannot be used as it is; the message names the folder and what to do."""
+    """``--out`` cannot be used as it is; the message names the folder and what to do (export.onnx, export.hf)."""
+
+
+def few(names: list[str], shown: int = SHOWN) -> str:
+    """The first ``shown`` names, then a count of the rest."""
+    rest = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {rest} more" if rest > 0 else "")
+
+
+def refuse_non_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutFolderError(f"--out {out}: exists and is not a folder; choose a folder path")
 
 
 def files_in(out: Path) -> set[str]:
@@ -55,15 +66,13 @@ def recorded(out: Path) -> list[str] | None:
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an ``--out`` that is a file, or a folder with files no earlier export recorded (unless ``overwrite``);
     nothing is deleted here."""
-    if out.exists() and not out.is_dir():
-        raise OutFolderError(f"--out {out}: exists and is not a folder; choose a folder path")
+    refuse_non_folder(out)
     ours = set(recorded(out) or []) | {RECORD}
     foreign = sorted(files_in(out) - ours)
     if foreign and not overwrite:
-        shown = ", ".join(foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
-        raise OutFolderError(f"--out {out}: the folder holds files no export wrote ({shown}); pass --overwrite to "
-                             f"export into it (files of the names the export writes are replaced, no other file is "
-                             f"deleted) or choose another folder")
+        raise OutFolderError(f"--out {out}: the folder holds files no export wrote ({few(foreign)}); pass --overwrite "
+                             f"to export into it (files of the names the export writes are replaced, no other file "
+                             f"is deleted) or choose another folder")
 
 
 def clear_recorded(out: Path) -> set[str]:

@@ -3,13 +3,13 @@
 ``torch.onnx.export`` serialises every weight into the ModelProto it builds, a second copy of the model in memory
 (and a third when the graph is converted to float16 afterwards). Instead:
 
-1. :func:`stand_in_parameters`: while tracing, every parameter is a zero-stride float32 stand-in of its shape (one
-   number in memory, a distinct value each so the exporter does not merge them as duplicates), and
-   ``export_params=False`` makes each one a graph input named after the parameter. The traced graph holds no
-   weights; floating buffers (rotary tables, masks: small) are traced in float32 as constants.
+1. :func:`stand_in_parameters`: while tracing (and probing the cache), every parameter is a zero-stride float32
+   stand-in of its shape (one number in memory) and floating buffers are float32 copies; the exporter's
+   ``WeightsAsInputs`` passes the model's state in as graph inputs (:func:`swapped_state`), so the traced graph holds
+   no weights and the exporter never sees their values.
 2. :func:`attach_weights`: each parameter input becomes an initializer whose bytes are written from the PyTorch
    tensor, one tensor at a time, cast to the export dtype and transposed on the way where the graph does so (what
-   constant folding would have done; a tensor's converted copy is the only extra memory); past 128 MiB they go
+   constant folding would have done), 16 MiB at a time (that piece is the only extra memory); past 128 MiB they go
    to one external data file (inline weights would be held twice more while the file is written).
 
 For a float16 export the weightless graph is converted first (onnxruntime's converter, inputs kept float32): each
@@ -43,10 +43,10 @@ def stand_in_parameters(model: nn.Module) -> Iterator[None]:
     """Trace ``model`` without its weights: parameters become float32 stand-ins of their shapes and floating
     buffers float32 copies; everything is restored afterwards (also on error)."""
     saved: dict[int, tuple[nn.Parameter | torch.Tensor, torch.Tensor]] = {}
-    for i, param in enumerate(unique(model.parameters())):
+    for i, param in enumerate(model.parameters()):  # parameters() and buffers() list a tied tensor once
         saved[id(param)] = (param, param.data)
         param.data = torch.full((), (i + 1) * 1e-3, dtype=torch.float32, device=param.device).expand(param.shape)
-    for buffer in unique(model.buffers()):
+    for buffer in model.buffers():
         if buffer.is_floating_point() and buffer.dtype != torch.float32:
             saved[id(buffer)] = (buffer, buffer.data)
             buffer.data = buffer.data.float()
@@ -114,14 +114,6 @@ def release_pages(tensor: torch.Tensor) -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(MADV_DONTNEED))
-
-
-def unique(tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-    seen: set[int] = set()
-    for tensor in tensors:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield tensor
 
 
 @dataclass(frozen=True)
@@ -206,7 +198,7 @@ def piece_bytes(data: torch.Tensor, dtype: torch.dtype) -> memoryview:
     if data.is_floating_point():
         if dtype == torch.float16:  # beyond float16's range: the largest finite value, not inf (as onnxruntime does)
             data = data.clamp(-FLOAT16_MAX, FLOAT16_MAX)
-        data = data.to("cpu", dtype)
+        data = data.to(dtype)
     flat = data.to("cpu").contiguous().reshape(-1)  # reshape: unit stride even where a size-1 axis kept another
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
