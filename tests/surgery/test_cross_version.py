@@ -96,6 +96,18 @@ def assert_names_both_versions(message: str) -> None:
     assert f"load it with transformers=={OTHER}" in message, message
 
 
+def refused_across_versions(base: Path, folder: Path, monkeypatch: pytest.MonkeyPatch,
+                            change: Callable[[nn.Module], None], drop: tuple[str, ...] = ()) -> str:
+    """Save a checkpoint at ``folder`` as if written by transformers OTHER, load it where the base model comes out
+    ``change``d: the refusal's message, which must name both versions."""
+    saved_checkpoint(base, folder)
+    record_version(folder, OTHER, drop=drop)
+    loading_changed_model(monkeypatch, change)
+    message = refused(folder)
+    assert_names_both_versions(message)
+    return message
+
+
 def test_other_version_that_matches_loads_without_a_word(bert_base: Path, tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     saved = saved_checkpoint(bert_base, tmp_path / "ckpt")
@@ -114,11 +126,8 @@ def test_other_version_that_matches_loads_without_a_word(bert_base: Path, tmp_pa
 
 def test_renamed_layer_names_both_versions_and_the_layer(bert_base: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    saved_checkpoint(bert_base, tmp_path / "ckpt")
-    record_version(tmp_path / "ckpt", OTHER)
-    loading_changed_model(monkeypatch, rename({"query": "q"}, layers=(0,)))  # layer 1 still matches
-    message = refused(tmp_path / "ckpt")
-    assert_names_both_versions(message)
+    layer_0_renamed = rename({"query": "q"}, layers=(0,))  # layer 1 still matches
+    message = refused_across_versions(bert_base, tmp_path / "ckpt", monkeypatch, layer_0_renamed)
     assert f"layer {QUERY_0!r} is not in the model BertForSequenceClassification" in message
     assert "('bert.encoder.layer.0.attention.self' holds key, value, dropout, q)" in message
 
@@ -126,67 +135,46 @@ def test_renamed_layer_names_both_versions_and_the_layer(bert_base: Path, tmp_pa
 def test_renamed_layer_in_an_older_manifest_is_found_by_its_tensors(bert_base: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A manifest written before layers were recorded: the tensors that find no layer name it."""
-    saved_checkpoint(bert_base, tmp_path / "ckpt")
-    record_version(tmp_path / "ckpt", OTHER, drop=("layers",))
-    loading_changed_model(monkeypatch, rename({"query": "q"}, layers=(0,)))
-    message = refused(tmp_path / "ckpt")
-    assert_names_both_versions(message)
+    message = refused_across_versions(bert_base, tmp_path / "ckpt", monkeypatch, rename({"query": "q"}, layers=(0,)),
+                                      drop=("layers",))
     assert f"tensors match no layer of this model: ['adapter.{QUERY_0}.lora_A'" in message
 
 
 def test_target_matching_nothing_names_both_versions(bert_base: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    saved_checkpoint(bert_base, tmp_path / "ckpt")
-    record_version(tmp_path / "ckpt", OTHER)
-    loading_changed_model(monkeypatch, rename({"query": "q_proj", "value": "v_proj"}, layers=(0, 1)))
-    message = refused(tmp_path / "ckpt")
-    assert_names_both_versions(message)
+    message = refused_across_versions(bert_base, tmp_path / "ckpt", monkeypatch,
+                                      rename({"query": "q_proj", "value": "v_proj"}, layers=(0, 1)))
     assert "its surgery does not apply to BertForSequenceClassification" in message
     assert "'query'" in message
 
 
 def test_reshaped_layer_names_both_versions_and_the_shapes(bert_base: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    saved_checkpoint(bert_base, tmp_path / "ckpt")
-    record_version(tmp_path / "ckpt", OTHER)
-
     def shrink_query(model: nn.Module) -> None:
         model.set_submodule(QUERY_0, nn.Linear(32, 16))
 
-    loading_changed_model(monkeypatch, shrink_query)
-    message = refused(tmp_path / "ckpt")
-    assert_names_both_versions(message)
+    message = refused_across_versions(bert_base, tmp_path / "ckpt", monkeypatch, shrink_query)
     assert f"layer {QUERY_0!r} has (d_in, d_out) = (32, 32) in the checkpoint but (32, 16) in the model" in message
 
 
 def test_changed_target_weights_name_both_versions(bert_base: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Same names and shapes, other bytes: as if the new release converted the weights on load."""
-    saved_checkpoint(bert_base, tmp_path / "ckpt")
-    record_version(tmp_path / "ckpt", OTHER)
-
     def convert_query(model: nn.Module) -> None:
         with torch.no_grad():
             model.get_submodule(QUERY_0).weight.mul_(2)
 
-    loading_changed_model(monkeypatch, convert_query)
-    message = refused(tmp_path / "ckpt")
-    assert_names_both_versions(message)
+    message = refused_across_versions(bert_base, tmp_path / "ckpt", monkeypatch, convert_query)
     assert "differ from those it was saved against (target-weight fingerprint" in message
     assert "this version loads differently" in message
 
 
 def test_reshaped_head_names_both_versions_and_the_module(bert_base: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    saved_checkpoint(bert_base, tmp_path / "ckpt")
-    record_version(tmp_path / "ckpt", OTHER)
-
     def three_labels(model: nn.Module) -> None:
         model.classifier = nn.Linear(32, 3)
 
-    loading_changed_model(monkeypatch, three_labels)
-    message = refused(tmp_path / "ckpt")
-    assert_names_both_versions(message)
+    message = refused_across_versions(bert_base, tmp_path / "ckpt", monkeypatch, three_labels)
     assert "module 'classifier': Error(s) in loading state_dict" in message
     assert "size mismatch for weight" in message
 
