@@ -49,7 +49,7 @@ from export.fold import FoldError, LayerFold, dtype_name, fold_in_place, fold_la
 from export.onnx import MODEL_PATH_HELP, TOKENIZER_FILES, Log, Steps, model_dtype
 from export.outdir import OutFolderError, few, refuse_non_folder
 from export.reference import GREEDY_SHAPE, PARITY_SHAPES, main_output, pad_id, sample_inputs
-from export.verify import Difference, compare
+from export.verify import Difference, compare, greedy_comparison, rule
 from surgery.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, read_manifest
 from surgery.config import ConfigError, ModelConfig, SurgeryConfig, load_config
 from surgery.model import ModelLoadError, resolve_model_path
@@ -334,7 +334,7 @@ def verify_folder(folder: Path, base: ModelConfig, reference: Reference, toleran
         "loading": {key: sorted(map(str, info.get(key) or [])) for key in ("missing_keys", "unexpected_keys",
                                                                           "mismatched_keys")},
         "parity": {
-            "tolerance": {**asdict(tolerance), "rule": "|reloaded - unfolded| <= atol + rtol |unfolded| elementwise"},
+            "tolerance": {**asdict(tolerance), "rule": rule(tolerance, "reloaded", "unfolded")},
             "max_abs_diff": max(case.max_abs_diff for case in cases),
             "max_rel_diff": max(case.max_rel_diff for case in cases),
             "cases": [asdict(case) for case in cases],
@@ -358,42 +358,6 @@ def parity_failure(case: Difference, tolerance: Tolerance) -> str:
     return (f"the reloaded folder differs from the unfolded model at {case.case}: max |diff| {case.max_abs_diff:.3g}, "
             f"max rel {case.max_rel_diff:.3g} (tolerance atol {tolerance.atol:g}, rtol {tolerance.rtol:g}: "
             f"{tolerance.reason})")
-
-
-def greedy_comparison(actual: np.ndarray, expected: np.ndarray, scores: np.ndarray,
-                      tolerance: Tolerance) -> dict[str, Any]:
-    """Greedy tokens of the reloaded folder (``actual``) against the unfolded model's (``expected``, chosen as the
-    argmax of ``scores``: (steps, batch, vocab)), both (batch, steps).
-
-    Passes when the tokens are identical, or when in every row that diverges the unfolded model's scores at the first
-    differing step put the two tokens within what parity allows each logit to move (``2 atol + rtol (|a| + |b|)``):
-    a near-tie that either model may break either way. Half precision makes such ties common (bfloat16 logits near 5
-    are 0.03 apart); anything wider is a failure. Only the first divergence per row is judged: after it the two
-    continuations read different prefixes.
-    """
-    section: dict[str, Any] = {"match": False, "passed": False, "tokens": int(expected.shape[1]),
-                               "prompts": int(expected.shape[0]), "divergences": [],
-                               "reloaded": actual[0].tolist(), "unfolded": expected[0].tolist()}
-    if actual.shape != expected.shape:
-        section["divergences"].append(f"reloaded tokens {actual.shape} != unfolded {expected.shape}")
-        return section
-    for row in range(expected.shape[0]):
-        differing = np.flatnonzero(actual[row] != expected[row])
-        if len(differing):
-            section["divergences"].append(divergence(row, int(differing[0]), expected, actual, scores, tolerance))
-    section["match"] = not section["divergences"]
-    section["passed"] = all(d["near_tie"] for d in section["divergences"])
-    return section
-
-
-def divergence(row: int, step: int, expected: np.ndarray, actual: np.ndarray, scores: np.ndarray,
-               tolerance: Tolerance) -> dict[str, Any]:
-    """The unfolded model's margin between its token and the reloaded model's at the first differing step."""
-    chosen, other = int(expected[row, step]), int(actual[row, step])
-    a, b = float(scores[step, row, chosen]), float(scores[step, row, other])
-    allowed = 2 * tolerance.atol + tolerance.rtol * (abs(a) + abs(b))
-    return {"row": row, "step": step, "unfolded_token": chosen, "reloaded_token": other, "margin": a - b,
-            "allowed": allowed, "near_tie": bool(a - b <= allowed)}
 
 
 # ---- report -------------------------------------------------------------------------------------------------------

@@ -89,10 +89,14 @@ def has_float16_weights(path: Path) -> bool:
 def lean_float16_options(options: ort.SessionOptions) -> ort.SessionOptions:
     """``options`` for a float16 graph on onnxruntime's CPU provider, which has no float16 MatMul and computes it in
     float32. At ORT_ENABLE_ALL it constant-folds the inserted Casts: a float32 copy of every weight in the session,
-    three times the float16 model's bytes. At ORT_ENABLE_BASIC each weight is cast when it is used, and without the
-    memory arena (or memory patterns) the float32 copy is freed right after: the float16 weights plus one float32
-    weight. Verification and CPU latency of float16 exports use these; GPU providers run float16 natively."""
+    three times the float16 model's bytes. At ORT_ENABLE_BASIC each weight is cast when it is used, but the default
+    execution order runs every Cast of a weight (their inputs are ready at the start) before the first MatMul: all the
+    float32 copies at once (measured: 32 float16 MatMuls of 8 MiB peak at 831 MiB; 335 MiB with PRIORITY_BASED).
+    The priority-based order runs each Cast just before its MatMul, and without the memory arena (or memory patterns)
+    the float32 copy is freed right after: the float16 weights plus one float32 weight. Verification and CPU latency
+    of float16 exports use these; GPU providers run float16 natively."""
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
     return options

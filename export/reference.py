@@ -12,12 +12,19 @@ verification inputs, and only its outputs are kept (a few MB even for a 7B model
 A half-precision model computes its reference in float32 (:func:`float32_compute`: each module's weights are
 upcast exactly while it runs, one module at a time), the values the fold starts from, so the export differs from
 the reference only by its own arithmetic and the tolerance is the export dtype's alone.
+
+For a half-precision export the same inputs also run with PyTorch computing in that dtype (:func:`compute_in`,
+again one module at a time): the *floor*, how far that dtype's own arithmetic lands from float32 on this model.
+Deep, wide models drift further in float16 than a fixed tolerance can know; surgery.tolerances' float16 entry
+accepts an export whose error stays within a factor of the floor (``export.verify.compare``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +35,7 @@ from torch import nn
 
 from export.decode import position_ids
 from export.exporters import CAUSAL_LM, FEATURES, output_name
+from surgery.rewrite import adapter_layers
 
 PARITY_SHAPES = ((1, 5), (3, 11))  # (batch, sequence): neither is the exporters' trace shape (2 x 8, 2 x 16)
 PARITY_SEED = 2024
@@ -46,6 +54,8 @@ class ParityCase:
     token_mask: np.ndarray | None  # token-level outputs: the positions compared (padding left out)
     step_ids: np.ndarray | None = None  # decoders: CACHE_STEP_TOKENS more tokens (batch, CACHE_STEP_TOKENS)
     step_logits: np.ndarray | None = None  # their logits, computed on the whole sequence
+    floor: np.ndarray | None = None  # the main output with PyTorch computing in the export's half dtype
+    step_floor: np.ndarray | None = None  # the step's logits, likewise
 
     @property
     def name(self) -> str:
@@ -59,6 +69,7 @@ class GreedyCase:
     tokens: np.ndarray  # generate's new tokens (batch, GREEDY_TOKENS), end-of-sequence suppressed
     eos_ids: list[int]
     pad_id: int
+    scores: np.ndarray  # the (GREEDY_TOKENS, batch, vocab) scores each token was the argmax of (near-tie judging)
 
 
 @dataclass(frozen=True)
@@ -86,8 +97,10 @@ def sample_inputs(vocab: int, batch: int, seq: int, seed: int, pad_last_row: boo
 
 
 @torch.no_grad()
-def record_reference(model: nn.Module, task: str, greedy: bool = True) -> Reference:
-    """Run ``model`` (unfolded, eval mode) on the verification inputs; returns its outputs (see the module doc)."""
+def record_reference(model: nn.Module, task: str, greedy: bool = True,
+                     floor_dtype: torch.dtype | None = None) -> Reference:
+    """Run ``model`` (unfolded, eval mode) on the verification inputs; returns its outputs (see the module doc).
+    ``floor_dtype`` (a half dtype) also records each case computed in that dtype."""
     vocab = int(model.config.vocab_size)
     cases = []
     with float32_compute(model):
@@ -99,7 +112,18 @@ def record_reference(model: nn.Module, task: str, greedy: bool = True) -> Refere
             step = cached_step(model, inputs, PARITY_SEED + 10 + i) if task == CAUSAL_LM else (None, None)
             cases.append(ParityCase(inputs, expected, token_mask, *step))
         tokens = greedy_case(model) if greedy and task == CAUSAL_LM else None
+    if floor_dtype is not None:
+        with compute_in(model, floor_dtype):
+            cases = [with_floor(model, case, task) for case in cases]
     return Reference(task, model.config, cases, tokens)
+
+
+def with_floor(model: nn.Module, case: ParityCase, task: str) -> ParityCase:
+    """``case`` with the floor: the same inputs (and cached-step tokens) through ``model`` as it computes now."""
+    floor = main_output(model, case.inputs, task)
+    step_floor = None if case.step_ids is None else main_output(model, step_inputs(case.inputs, case.step_ids),
+                                                                task)[:, case.inputs["input_ids"].shape[1]:]
+    return dataclasses.replace(case, floor=floor, step_floor=step_floor)
 
 
 @torch.no_grad()
@@ -118,18 +142,24 @@ def cached_step(model: nn.Module, inputs: dict[str, np.ndarray], seed: int) -> t
     """CACHE_STEP_TOKENS new tokens after ``inputs`` and their logits, the whole sequence run at once."""
     batch, seq = inputs["input_ids"].shape
     new = sample_inputs(int(model.config.vocab_size), batch, CACHE_STEP_TOKENS, seed)["input_ids"]
-    full = {"input_ids": np.concatenate([inputs["input_ids"], new], axis=1),
-            "attention_mask": np.ones((batch, seq + CACHE_STEP_TOKENS), dtype=np.int64)}
-    return new, main_output(model, full, CAUSAL_LM)[:, seq:]
+    return new, main_output(model, step_inputs(inputs, new), CAUSAL_LM)[:, seq:]
+
+
+def step_inputs(inputs: dict[str, np.ndarray], new: np.ndarray) -> dict[str, np.ndarray]:
+    """``inputs`` followed by the ``new`` tokens, all attended."""
+    ids = np.concatenate([inputs["input_ids"], new], axis=1)
+    return {"input_ids": ids, "attention_mask": np.ones(ids.shape, dtype=np.int64)}
 
 
 def greedy_case(model: nn.Module) -> GreedyCase:
     batch, seq = GREEDY_SHAPE
     prompt = torch.from_numpy(sample_inputs(int(model.config.vocab_size), batch, seq, GREEDY_SEED)["input_ids"])
     pad = pad_id(model)
-    tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=1,
-                            max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, pad_token_id=pad)
-    return GreedyCase(prompt.numpy(), tokens[:, seq:].numpy(), eos_ids(model), pad)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=1,
+                         max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, pad_token_id=pad,
+                         output_scores=True, return_dict_in_generate=True)
+    scores = torch.stack(out.scores).float().numpy()
+    return GreedyCase(prompt.numpy(), out.sequences[:, seq:].numpy(), eos_ids(model), pad, scores)
 
 
 def eos_ids(model: nn.Module) -> list[int]:
@@ -149,25 +179,48 @@ def pad_id(model: nn.Module) -> int:
 
 
 # ---- float32 compute without a float32 copy -----------------------------------------------------------------------
-@contextmanager
-def float32_compute(model: nn.Module) -> Iterator[None]:
+def float32_compute(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Run ``model`` in float32 although its weights are half precision, holding one module's float32 copy at a time.
 
     Each module whose own parameters or floating buffers are not float32 gets them upcast (exactly) right before its
     forward and restored right after; its outputs are then float32 and so is everything downstream. A float32 model
     runs as it is. Everything is restored on exit, also after an error.
     """
-    owners = [(module, lowp) for module in model.modules() if (lowp := half_tensors(module))]
+    return cast_while_running(model, torch.float32, half_tensors)
+
+
+def compute_in(model: nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager[None]:
+    """Run ``model`` as it computes when its base is stored in ``dtype``: every floating parameter but the adapters',
+    and the buffers derived from the base (R-/S-LoDA's approximations), cast to ``dtype`` while their module runs (one
+    module's copy at a time). Adapters keep their own dtype (float32 on a half base: surgery's design), and so do
+    other buffers (rotary frequencies: the model's own code decides their precision). Restored on exit."""
+    adapters = {id(p) for layer in adapter_layers(model).values() for p in layer.adapter_params().values()}
+    derived = {id(t) for module in model.modules() if hasattr(module, "derived_tensors")
+               for t in module.derived_tensors().values()}
+
+    def base_tensors(module: nn.Module) -> list[torch.Tensor]:
+        params = [p for p in module._parameters.values() if p is not None and id(p) not in adapters]
+        buffers = [b for b in module._buffers.values() if b is not None and id(b) in derived]
+        return [t for t in params + buffers if t.is_floating_point() and t.dtype != dtype]
+    return cast_while_running(model, dtype, base_tensors)
+
+
+@contextmanager
+def cast_while_running(model: nn.Module, dtype: torch.dtype,
+                       select: Callable[[nn.Module], list[torch.Tensor]]) -> Iterator[None]:
+    """Each module's ``select``-ed own tensors cast to ``dtype`` right before its forward, restored right after. An
+    adapter layer holds its whole subtree's (it may read its base's weight and bias without running the base)."""
+    owners = cast_owners(model, select)
     if not owners:
         yield
         return
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def upcast(tensors: list[torch.Tensor]) -> None:
+    def cast(tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:
             if id(tensor) not in saved:
                 saved[id(tensor)] = (tensor, tensor.data)
-                tensor.data = tensor.data.float()
+                tensor.data = tensor.data.to(dtype)
 
     def restore(tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:
@@ -176,7 +229,7 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
 
     handles = []
     for module, tensors in owners:
-        handles.append(module.register_forward_pre_hook(lambda _m, _a, t=tensors: upcast(t)))
+        handles.append(module.register_forward_pre_hook(lambda _m, _a, t=tensors: cast(t)))
         handles.append(module.register_forward_hook(lambda _m, _a, _o, t=tensors: restore(t)))
     try:
         yield
@@ -185,6 +238,21 @@ def float32_compute(model: nn.Module) -> Iterator[None]:
             handle.remove()
         for tensor, data in saved.values():
             tensor.data = data
+
+
+def cast_owners(model: nn.Module, select: Callable[[nn.Module], list[torch.Tensor]]
+                ) -> list[tuple[nn.Module, list[torch.Tensor]]]:
+    """(module, its tensors to cast) pairs: adapter layers with their subtree's, every other module with its own."""
+    layers = {id(layer) for layer in adapter_layers(model).values()}
+    inside = {id(m) for layer in adapter_layers(model).values() for m in layer.modules() if m is not layer}
+    owners = []
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        members = list(module.modules()) if id(module) in layers else [module]
+        if chosen := [t for member in members for t in select(member)]:
+            owners.append((module, chosen))
+    return owners
 
 
 def half_tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -16,6 +16,10 @@ class Tolerance:
     atol: float
     rtol: float
     reason: str
+    # whole-model half-precision checks: a case whose elementwise check fails still passes when its max |diff| is at
+    # most floor_factor x the max |diff| of PyTorch computing the same inputs in that dtype (the dtype's own error on
+    # this model, measured: export.reference's floor). None: the elementwise rule alone.
+    floor_factor: float | None = None
 
 
 # Layer-level checks: one adapted layer against its dense reference or its fold (inputs ~N(0, 1)). A fold is checked
@@ -38,7 +42,11 @@ MODEL: dict[torch.dtype, Tolerance] = {
         2e-4, 1e-3, "float32 through ~12 layers: different kernels (ORT vs torch), fused attention, folded weights"
     ),
     torch.float16: Tolerance(
-        5e-2, 5e-2, "float16 export: activations in half through every layer against a float32 reference"
+        5e-2, 5e-2, "float16 export: activations in half through every layer against a float32 reference; the "
+        "error grows with depth and width (random Llamas: max |diff| 0.005 at 8 layers of hidden 512, 0.023 at 4 of "
+        "4096, 0.081 at 32 of 4096), so a case also passes within 2x PyTorch's own float16 run on the same inputs "
+        "(two independent roundings of the same size differ by about sqrt(2) of one; 2 leaves room for kernels)",
+        floor_factor=2.0,
     ),
     torch.bfloat16: Tolerance(
         4e-1, 4e-1, "bfloat16 activations through every layer against a float32 computation: the float16 entry "

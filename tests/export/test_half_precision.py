@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from peft import PeftModel
 from torch import nn
 
-from export.exporters import CAUSAL_LM
+from export.exporters import CAUSAL_LM, model_task
 from export.fold import FoldError, LayerFold, fold_model, static_weight
 from export.onnx import (
     EXPORT_DTYPES,
@@ -43,9 +43,10 @@ from surgery.config import parse_config
 from surgery.layers import weight_out_in
 from surgery.model import load_model
 from surgery.peft_interop import export_peft
-from surgery.rewrite import AdaptedModel, apply_surgery
+from surgery.rewrite import AdaptedModel, adapter_layers, apply_surgery
 from surgery.tolerances import MODEL
-from tests.export.checkpoints import TARGETS, single_torch_thread  # noqa: F401  (fixture)
+from tests.export.checkpoints import (  # noqa: F401  (single_torch_thread: a fixture)
+    TARGETS, adapted_model, save_lively_base, single_torch_thread, task_of)
 from tests.export.tiny_exports import word_tokenizer
 from tests.method_configs import small_method
 from tests.tiny_models import random_ids, tiny_model
@@ -245,6 +246,36 @@ def test_the_reference_of_a_half_base_computes_in_float32_without_a_float32_copy
     assert not np.array_equal(half, ours.cases[0].expected), "the reference is computed upcast, not in half"
 
 
+FLOOR_CASES = [("llama", "lora"), ("bert", "s_loda")]  # S-LoDA reads its base's bias without running the base
+
+
+@pytest.mark.parametrize("arch, method", FLOOR_CASES, ids=[f"{a}-{m}" for a, m in FLOOR_CASES])
+def test_the_float16_floor_is_the_model_computing_with_its_base_in_float16(root: Path, arch: str, method: str) -> None:
+    """record_reference(floor_dtype=float16) runs a float32 model as if its base were stored in float16 (adapters
+    stay float32, surgery's design for half bases): exactly a copy cast that way, the float32 weights back after."""
+    base = save_lively_base(arch, root / f"floor-{arch}")
+    model = adapted_model(base, method, task_of(arch), TARGETS[arch]).model.eval()
+    stored = {name: param.data_ptr() for name, param in model.named_parameters()}
+    task = model_task(model)
+    reference = record_reference(model, task, greedy=False, floor_dtype=torch.float16)
+    assert all(param.data_ptr() == stored[name] and param.dtype == torch.float32
+               for name, param in model.named_parameters()), "the float32 weights are back in place"
+    cast = copy.deepcopy(model)
+    layers = adapter_layers(cast)
+    adapters = {id(p) for layer in layers.values() for p in layer.adapter_params().values()}
+    derived = {id(t) for layer in layers.values() for t in layer.derived_tensors().values()}
+    for param in cast.parameters():
+        if id(param) not in adapters:
+            param.data = param.data.half()
+    for module in cast.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and id(buffer) in derived:
+                module._buffers[key] = buffer.half()
+    for case in reference.cases:
+        np.testing.assert_array_equal(case.floor, main_output(cast, case.inputs, task))
+        assert np.abs(case.floor - case.expected).max() > 0, "float16 arithmetic moved the outputs"
+
+
 # ---- --dtype bf16 -------------------------------------------------------------------------------------------------
 def test_onnxruntime_cpu_cannot_run_a_bfloat16_matmul() -> None:
     """Why --dtype bf16 is refused (onnxruntime 1.32: no bfloat16 MatMul/Gemm/Add kernel on the CPU provider). Should
@@ -296,6 +327,10 @@ def test_half_base_exports_with_each_fold_rounded_once(bases, root: Path, arch: 
     assert (report["parity"]["tolerance"]["atol"], report["parity"]["tolerance"]["rtol"]) == (wanted.atol, wanted.rtol)
     if export_dtype == "fp32":  # an fp32-exact reference: greedy decoding must agree token for token
         assert report["parity"]["greedy_match"] is True
+    else:  # fp16: the reference also ran in float16 (the floor), and the export is no further from float32
+        floors = [case["floor_abs_diff"] for case in report["parity"]["cases"]]
+        assert all(floor is not None and floor > 0 for floor in floors), report["parity"]["cases"]
+        assert report["parity"]["greedy"]["passed"], report["parity"]["greedy"]
     out_dtype = EXPORT_DTYPES[export_dtype]
     for record in report["layers"]:
         assert record["base_dtype"] == dtype and record["weight_dtype"] == str(out_dtype).removeprefix("torch.")
