@@ -7,6 +7,13 @@ DIR holds ``model.onnx`` (or optimum's ``decoder_*.onnx`` files), ``config.json`
 ``config.json``'s architectures, else from the graph's outputs. Causal LMs decode greedily with
 ``export.decode.greedy``: with the KV cache when the graph has one (inputs ``past_key_values.*``, optimum's naming),
 else re-reading the whole sequence each step. No optimum needed.
+
+Inputs longer than the model's positions (``n_positions`` or ``max_position_embeddings`` in ``config.json``) are never
+run past them. Encoders truncate such a text to the limit (also to the tokenizer's ``model_max_length`` when that is
+smaller) with a ``TruncationWarning`` naming the limit and how many tokens were cut. Decoders refuse a prompt that
+leaves no room to generate, or whose tokens plus ``--max-new-tokens`` exceed the positions, with an
+``InputTooLongError`` naming both numbers: the command line prints it as one ``error:`` line and exits 2, before
+generating for any ``--text``.
 """
 
 from __future__ import annotations
@@ -14,11 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from export.decode import FeedError, greedy, has_cache, onnx_feed
 from export.latency import PROVIDERS, ProviderError, ort_session, provider_chain
@@ -38,6 +50,12 @@ MODEL_FILES = {
     FEATURES: ("model.onnx",),
     CAUSAL_LM: ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx", "decoder_model.onnx"),
 }
+# Config fields that bound a sequence's length, in this order: GPT-2-style configs alias max_position_embeddings to
+# n_positions, so n_positions first names the field config.json really holds.
+POSITION_FIELDS = ("n_positions", "max_position_embeddings")
+# Encoders that number positions from pad_token_id + 1 (transformers' create_position_ids_from_input_ids): that many of
+# their max_position_embeddings are never reachable (RoBERTa: 514 -> 512 tokens).
+PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "data2vec-text"}
 # A folder has a tokenizer when it has one of these (fast tokenizer, its config, or a slow tokenizer's vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
@@ -45,6 +63,65 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 class ExportFolderError(ValueError):
     """The folder is missing a file, or its model does not fit the requested use."""
+
+
+class InputTooLongError(ValueError):
+    """A decoder's prompt, with the tokens to generate, does not fit the model's positions."""
+
+
+class TruncationWarning(UserWarning):
+    """An encoder's input was cut to the model's positions."""
+
+
+class Limit(NamedTuple):
+    """The most tokens one sequence may have, and where that number comes from (for messages)."""
+
+    tokens: int
+    source: str
+
+
+def position_limit(config) -> Limit | None:
+    """The positions config.json gives the model (less RoBERTa's padding offset), or None where it names none."""
+    for field in POSITION_FIELDS:
+        positions = getattr(config, field, None)
+        if isinstance(positions, int) and positions > 0:
+            return _less_padding_offset(config, Limit(positions, f"{field} in config.json"))
+    return None
+
+
+def _less_padding_offset(config, limit: Limit) -> Limit:
+    pad = getattr(config, "pad_token_id", None)
+    if getattr(config, "model_type", None) not in PADDING_OFFSET_TYPES or pad is None:
+        return limit
+    return Limit(limit.tokens - pad - 1, f"{limit.source}, less pad_token_id + 1 = {pad + 1}: positions start after "
+                                         "the padding index")
+
+
+def encoder_limit(positions: Limit | None, tokenizer) -> Limit | None:
+    """The smaller of the model's positions and the tokenizer's model_max_length (when it sets one)."""
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(tokenizer_max, int) or tokenizer_max >= VERY_LARGE_INTEGER:
+        return positions
+    if positions is None or tokenizer_max < positions.tokens:
+        return Limit(tokenizer_max, "model_max_length in tokenizer_config.json")
+    return positions
+
+
+def check_room(limit: Limit | None, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise InputTooLongError unless the prompt and the tokens to generate fit the positions together."""
+    if limit is None:
+        return
+    if prompt_tokens >= limit.tokens:
+        raise InputTooLongError(
+            f"the prompt is {prompt_tokens} tokens and the model has {limit.tokens} positions ({limit.source}), "
+            f"which leaves no room to generate; shorten the text to fewer than {limit.tokens} tokens"
+        )
+    if prompt_tokens + max_new_tokens > limit.tokens:
+        raise InputTooLongError(
+            f"the prompt's {prompt_tokens} tokens + {max_new_tokens} new tokens (--max-new-tokens) exceed the "
+            f"model's {limit.tokens} positions ({limit.source}); shorten the text or lower --max-new-tokens to "
+            f"{limit.tokens - prompt_tokens}"
+        )
 
 
 def declared_task(folder: Path, config) -> str | None:
@@ -99,6 +176,7 @@ class OnnxPipeline:
         self.model_file, self.provider = model_file, provider
         self.session = ort_session(model_file, provider)
         self.cached = has_cache(self.session)  # a KV cache: generation feeds one token a step
+        self.positions = position_limit(config)  # None: config.json names no limit, nothing is checked
 
     @classmethod
     def from_dir(cls, folder: str | Path, provider: str = "cpu") -> OnnxPipeline:
@@ -137,9 +215,25 @@ class OnnxPipeline:
             raise ExportFolderError(f"{self.folder}: {error}") from None
 
     def _encode(self, texts: list[str], text_pairs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Tokens (batch, seq), each row cut to the encoder's limit with a TruncationWarning where it was longer."""
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text pairs; give one pair per text")
-        return dict(self.tokenizer(texts, text_pairs, padding=True, truncation=True, return_tensors="np"))
+        limit = encoder_limit(self.positions, self.tokenizer)
+        if limit is None:
+            return dict(self.tokenizer(texts, text_pairs, padding=True, return_tensors="np"))
+        self._warn_of_cuts(texts, text_pairs, limit)
+        return dict(self.tokenizer(texts, text_pairs, padding=True, truncation=True, max_length=limit.tokens,
+                                   return_tensors="np"))
+
+    def _warn_of_cuts(self, texts: list[str], text_pairs: list[str] | None, limit: Limit) -> None:
+        # verbose=False: transformers' own "longer than the specified maximum" log line would only repeat this one
+        lengths = [len(ids) for ids in self.tokenizer(texts, text_pairs, verbose=False)["input_ids"]]
+        for number, length in enumerate(lengths, start=1):
+            if length > limit.tokens:
+                warnings.warn(TruncationWarning(
+                    f"text {number} is {length} tokens, over the model's limit of {limit.tokens} ({limit.source}): "
+                    f"truncated to {limit.tokens}, {length - limit.tokens} tokens cut"
+                ), stacklevel=4)
 
     def _require(self, task: str, method: str) -> None:
         if self.task != task:
@@ -170,15 +264,24 @@ class OnnxPipeline:
         return (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
 
     def generate_ids(self, input_ids: np.ndarray, max_new_tokens: int = 20) -> np.ndarray:
-        """Greedy continuation of ``input_ids`` (batch, seq): the new tokens (batch, <= max_new_tokens)."""
+        """Greedy continuation of ``input_ids`` (batch, seq): the new tokens (batch, <= max_new_tokens).
+        InputTooLongError when seq + max_new_tokens exceed the model's positions."""
         self._require(CAUSAL_LM, "generate")
-        return greedy(self.session, np.asarray(input_ids, dtype=np.int64), max_new_tokens, sorted(self._eos_ids()),
-                      pad_id=self._pad_id())
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        check_room(self.positions, input_ids.shape[-1], max_new_tokens)
+        return greedy(self.session, input_ids, max_new_tokens, sorted(self._eos_ids()), pad_id=self._pad_id())
+
+    def prompt_ids(self, prompt: str, max_new_tokens: int = 20) -> np.ndarray:
+        """The prompt's tokens (1, seq); InputTooLongError when they and max_new_tokens exceed the positions."""
+        self._require(CAUSAL_LM, "generate")
+        # verbose=False: a too-long prompt is refused below, not announced by transformers' log first
+        input_ids = self.tokenizer(prompt, return_tensors="np", verbose=False)["input_ids"]
+        check_room(self.positions, input_ids.shape[-1], max_new_tokens)
+        return input_ids
 
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
         """The greedy continuation of ``prompt`` (without the prompt)."""
-        input_ids = self.tokenizer(prompt, return_tensors="np")["input_ids"]
-        new = self.generate_ids(input_ids, max_new_tokens)[0]
+        new = self.generate_ids(self.prompt_ids(prompt, max_new_tokens), max_new_tokens)[0]
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
     def _eos_ids(self) -> set[int]:
@@ -210,10 +313,14 @@ def positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="exported folder (model.onnx, config.json, tokenizer files)")
-    parser.add_argument("--text", action="append", required=True, help="input text; repeat for a batch")
+    parser.add_argument("--text", action="append", required=True,
+                        help="input text; repeat for a batch. Encoders truncate a text longer than the model's "
+                             "positions (with a warning); decoders refuse a prompt that leaves no room to generate")
     parser.add_argument("--text-pair", action="append", help="second segment per --text (classification)")
     parser.add_argument("--provider", default="cpu", help=f"one of {', '.join(PROVIDERS)} (default cpu)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=20, help="causal LM: tokens to generate (>= 1)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=20,
+                        help="causal LM: tokens to generate (>= 1); prompt tokens + this must fit the model's "
+                             "positions (default 20)")
     return parser
 
 
@@ -223,12 +330,32 @@ def _print_results(pipeline: OnnxPipeline, args: argparse.Namespace) -> None:
             probs = ", ".join(f"{label}={p:.4f}" for label, p in result["probs"].items())
             print(f"{text!r}: {result['label']} ({probs})")
     elif pipeline.task == CAUSAL_LM:
+        for text in args.text:  # refuse any prompt that does not fit before generating for the first
+            pipeline.prompt_ids(text, args.max_new_tokens)
         for text in args.text:
             print(f"{text!r} -> {pipeline.generate(text, args.max_new_tokens)!r}")
     else:
         for text, vector in zip(args.text, pipeline.embed(args.text), strict=True):
             print(f"{text!r}: embedding dim {vector.shape[0]}, norm {np.linalg.norm(vector):.4f}, "
                   f"first {np.array2string(vector[:4], precision=4)}")
+
+
+@contextmanager
+def _truncation_warnings_as_lines() -> Iterator[None]:
+    """Each TruncationWarning as one ``warning: ...`` line on stderr (every time, not once per place); other
+    warnings as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TruncationWarning)
+        show_others = warnings.showwarning
+
+        def show(message, category, *args, **kwargs) -> None:
+            if issubclass(category, TruncationWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                show_others(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--text number {', '.join(map(str, empty))} is empty; give the text to run")
     try:
         pipeline = OnnxPipeline.from_dir(args.folder, provider=args.provider)
-        _print_results(pipeline, args)
-    except (FileNotFoundError, ProviderError, ExportFolderError) as err:
+        with _truncation_warnings_as_lines():
+            _print_results(pipeline, args)
+    except (FileNotFoundError, ProviderError, ExportFolderError, InputTooLongError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,17 +1,33 @@
-"""export/run.py against the PyTorch models it was exported from: classification, greedy generation, embeddings."""
+"""export/run.py against the PyTorch models it was exported from: classification, greedy generation, embeddings;
+inputs longer than the model's positions (truncated for encoders, refused for decoders)."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from export.latency import ProviderError
-from export.run import ExportFolderError, OnnxPipeline, main
+from transformers import GPT2Config, LlamaConfig, PretrainedConfig, RobertaConfig
+
+from export.run import (
+    ExportFolderError,
+    InputTooLongError,
+    Limit,
+    OnnxPipeline,
+    TruncationWarning,
+    encoder_limit,
+    main,
+    position_limit,
+)
 from surgery.tolerances import MODEL
+from tests.tiny_models import tiny_model
 from tests.export.tiny_exports import (
     LABELS,
     bert_encoder,
@@ -151,3 +167,135 @@ def test_cli_classifies_and_generates(bert, gpt2, capsys):
     assert "'the cat sat':" in out and any(label in out for label in LABELS.values())
     assert main([str(gpt2[1]), "--text", PROMPT, "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith(f"{PROMPT!r} -> ")
+
+
+# -- inputs longer than the model's positions ------------------------------------------------------------------------
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by relative path: a refused or truncated run changes none."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def words(count: int) -> str:
+    """``count`` vocabulary words: the word tokenizer gives one token per word."""
+    return " ".join(itertools.islice(itertools.cycle("the cat sat on the mat a dog ran home".split()), count))
+
+
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory):
+    """A tiny seq-cls RoBERTa: positions numbered from pad_token_id + 1, so fewer tokens fit than it has positions."""
+    model = tiny_model("roberta")
+    return model, project_export(model, tmp_path_factory.mktemp("roberta"), encoder=True)
+
+
+def encoder_tokens(config) -> int:
+    """The most tokens the encoder can read: RoBERTa's first pad_token_id + 1 positions are never used."""
+    offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
+    return config.max_position_embeddings - offset
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_an_over_long_encoder_text_is_truncated_like_by_hand(arch: str, request) -> None:
+    model, folder = request.getfixturevalue(arch)
+    limit = encoder_tokens(model.config)
+    pipeline = OnnxPipeline.from_dir(folder)
+    long_text, by_hand = words(limit + 10), words(limit - 2)  # + [CLS] ... [SEP]: 12 tokens over; exactly the limit
+    with pytest.warns(TruncationWarning) as caught:
+        results = pipeline.classify([TEXTS[0], long_text])
+    assert [str(w.message) for w in caught] == [  # the short text 1 is not cut
+        f"text 2 is {limit + 12} tokens, over the model's limit of {limit} ({pipeline.positions.source}): "
+        f"truncated to {limit}, 12 tokens cut"
+    ]
+    expected = pipeline.classify([by_hand])[0]
+    assert results[1]["label"] == expected["label"]
+    np.testing.assert_allclose(list(results[1]["probs"].values()), list(expected["probs"].values()),
+                               atol=TOL.atol, rtol=TOL.rtol)
+
+
+def test_cli_warns_of_a_truncated_text_in_one_line(bert, capsys) -> None:
+    model, folder = bert
+    limit = model.config.max_position_embeddings
+    before = tree_digest(folder)
+    for _ in range(2):  # every run warns, not only the first in the process
+        assert main([str(folder), "--text", words(limit + 3)]) == 0
+        captured = capsys.readouterr()
+        assert captured.err == (f"warning: text 1 is {limit + 5} tokens, over the model's limit of {limit} "
+                                f"(max_position_embeddings in config.json): truncated to {limit}, 5 tokens cut\n")
+        assert any(label in captured.out for label in LABELS.values())
+    assert tree_digest(folder) == before
+
+
+@pytest.mark.parametrize("extra", [0, 10])  # exactly the positions: no room for a first new token either
+def test_cli_refuses_a_prompt_that_leaves_no_room(extra: int, gpt2, capsys) -> None:
+    model, folder, _ = gpt2
+    limit = model.config.n_positions
+    before = tree_digest(folder)
+    assert main([str(folder), "--text", PROMPT, "--text", words(limit + extra)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before generating for the first --text
+    assert captured.err == (f"error: the prompt is {limit + extra} tokens and the model has {limit} positions "
+                            f"(n_positions in config.json), which leaves no room to generate; shorten the text to "
+                            f"fewer than {limit} tokens\n")
+    assert tree_digest(folder) == before
+
+
+def test_cli_refuses_prompt_plus_new_tokens_over_the_positions(gpt2, capsys) -> None:
+    model, folder, _ = gpt2
+    limit = model.config.n_positions
+    before = tree_digest(folder)
+    assert main([str(folder), "--text", words(limit - 4), "--max-new-tokens", "5"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"error: the prompt's {limit - 4} tokens + 5 new tokens (--max-new-tokens) exceed the "
+                            f"model's {limit} positions (n_positions in config.json); shorten the text or lower "
+                            f"--max-new-tokens to 4\n")
+    assert tree_digest(folder) == before
+
+
+@pytest.mark.parametrize("cache", ["with_past", "no_past"])
+def test_generation_api_refuses_past_the_positions(cache: str, gpt2) -> None:
+    model, with_past, no_past = gpt2
+    limit = model.config.n_positions
+    pipeline = OnnxPipeline.from_dir(with_past if cache == "with_past" else no_past)
+    with pytest.raises(InputTooLongError, match=f"the prompt is {limit + 1} tokens and the model has {limit} "):
+        pipeline.generate(words(limit + 1))
+    prompt_ids = pipeline.tokenizer(words(limit - 4), return_tensors="np")["input_ids"]
+    with pytest.raises(InputTooLongError, match=f"the prompt's {limit - 4} tokens \\+ 5 new tokens"):
+        pipeline.generate_ids(prompt_ids, 5)
+
+
+@pytest.mark.parametrize("cache", ["with_past", "no_past"])
+def test_a_prompt_filling_the_positions_exactly_equals_transformers(cache: str, gpt2, capsys) -> None:
+    model, with_past, no_past = gpt2
+    folder = with_past if cache == "with_past" else no_past
+    limit = model.config.n_positions
+    pipeline = OnnxPipeline.from_dir(folder)
+    prompt_ids = pipeline.tokenizer(words(limit - 4), return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(pipeline.generate_ids(prompt_ids, 4), _torch_greedy(model, prompt_ids, 4))
+    assert main([str(folder), "--text", words(limit - 4), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    (GPT2Config(n_positions=64), Limit(64, "n_positions in config.json")),
+    (LlamaConfig(max_position_embeddings=96), Limit(96, "max_position_embeddings in config.json")),
+    (RobertaConfig(max_position_embeddings=514, pad_token_id=1), Limit(
+        512, "max_position_embeddings in config.json, less pad_token_id + 1 = 2: positions start after the padding "
+             "index")),
+    (PretrainedConfig(), None),  # nothing names a limit: nothing is checked
+])
+def test_position_limit_names_the_field(config, expected: Limit | None) -> None:
+    assert position_limit(config) == expected
+
+
+def test_encoder_limit_is_the_smaller_of_positions_and_tokenizer() -> None:
+    positions = Limit(64, "max_position_embeddings in config.json")
+    tokenizer = word_tokenizer(encoder=True)  # model_max_length unset: only the positions bound it
+    assert encoder_limit(positions, tokenizer) == positions
+    tokenizer.model_max_length = 32
+    assert encoder_limit(positions, tokenizer) == Limit(32, "model_max_length in tokenizer_config.json")
+    assert encoder_limit(None, tokenizer) == Limit(32, "model_max_length in tokenizer_config.json")
+    tokenizer.model_max_length = 128
+    assert encoder_limit(positions, tokenizer) == positions
