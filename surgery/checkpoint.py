@@ -5,11 +5,15 @@ A checkpoint folder holds
 - ``adapter.safetensors``: every adapter's tensors (``adapter.<layer>.<tensor>``) and the weights of modules trained
   in full or created by the task (``module.<name>.<param>``, e.g. the seq-cls head); never a base weight;
 - ``surgery.yaml``: the resolved config (defaults filled in);
-- ``checkpoint.json``: the manifest, written last: the base model's target-weight fingerprint, every adapted
-  layer's name and (d_in, d_out), hashes of the tensors recomputed from the base (R-/S-LoDA's approximations) and
-  of ``adapter.safetensors``, and the torch and transformers versions it was written with.
+- ``checkpoint.json``: the manifest, written last: the SHA-256 of every base-model tensor and a fingerprint over
+  them (``surgery.fingerprint``), every adapted layer's name and (d_in, d_out), hashes of the tensors recomputed
+  from the base (R-/S-LoDA's approximations) and of ``adapter.safetensors`` and ``surgery.yaml``, and the torch and
+  transformers versions it was written with. Its schema (:class:`Manifest`) is checked on load: a field missing or
+  of the wrong type is "this checkpoint's manifest is damaged", naming the field.
 
-Loading rebuilds the model from the untouched base, checks every hash, and never unpickles anything. A checkpoint
+Loading rebuilds the model from the untouched base, checks every hash (a base that differs in any tensor is named
+tensor by tensor), refuses NaN or infinite adapter and base tensors by name, and never unpickles anything.
+Format-1 manifests (which pinned only the target layers' weights) still load, checked as they were. A checkpoint
 loads under another transformers version (4.x <-> 5.x) as long as the model matches it; when something does not
 (a layer renamed or reshaped, other target weights), the error names both versions and the way back.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,7 @@ from typing import Any
 
 import torch
 import transformers
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -33,12 +39,16 @@ from transformers import PretrainedConfig
 
 from surgery.config import ConfigError, SurgeryConfig, dump_config, load_config
 from surgery.model import ModelLoadError, load_model
-from surgery.rewrite import AdaptedModel, apply_surgery
+from surgery.fingerprint import BaseModelError, is_finite, non_finite_error, tensor_digest
+from surgery.rewrite import AdaptedModel, apply_surgery, target_fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every base tensor's digest (base_tensors); 1: the target layers' fingerprint only
+READABLE_FORMATS = (1, 2)
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "surgery.yaml"
 MANIFEST_FILE = "checkpoint.json"
+SHA256 = re.compile(r"[0-9a-f]{64}")
+DAMAGED_REMEDY = "restore checkpoint.json from a copy of the checkpoint, or save the checkpoint again"
 
 
 class CheckpointError(RuntimeError):
@@ -74,7 +84,7 @@ def layer_shapes(adapted: AdaptedModel) -> dict[str, list[int]]:
 
 def derived_hashes(adapted: AdaptedModel) -> dict[str, str]:
     return {
-        f"{name}.{key}": tensor_hash(tensor)
+        f"{name}.{key}": tensor_digest(tensor)
         for name, layer in adapted.layers.items()
         for key, tensor in layer.derived_tensors().items()
     }
@@ -92,6 +102,7 @@ def save_checkpoint(adapted: AdaptedModel, folder: str | Path, extra: dict[str, 
         "method": adapted.config.method.name,
         "base_model": adapted.config.model.name_or_path,
         "base_fingerprint": adapted.base_fingerprint,
+        "base_tensors": adapted.base.tensors,
         "layers": layer_shapes(adapted),
         "derived_hashes": derived_hashes(adapted),
         "files": {name: file_hash(folder / name) for name in (ADAPTER_FILE, CONFIG_FILE)},
@@ -123,33 +134,79 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tensor_hash(tensor: torch.Tensor) -> str:
-    data = tensor.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{tuple(data.shape)}:{data.dtype}".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ---- loading ---------------------------------------------------------------------------------------------
+class Manifest(BaseModel):
+    """checkpoint.json's schema. Extra keys (training state, where an import came from) are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format: int
+    method: str
+    base_model: str
+    base_fingerprint: str = Field(min_length=1)
+    base_tensors: dict[str, str] | None = None  # format 2: required
+    layers: dict[str, list[int]] | None = None
+    derived_hashes: dict[str, str] = Field(default_factory=dict)
+    files: dict[str, str]
+    versions: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def complete(self) -> Manifest:
+        if self.format not in READABLE_FORMATS:
+            raise ValueError(f"format: {self.format}, this version reads {list(READABLE_FORMATS)}")
+        listed = [name for name in (ADAPTER_FILE, CONFIG_FILE) if name not in self.files]
+        if listed:
+            raise ValueError(f"files: {listed} not listed (every file of the checkpoint is, with its SHA-256)")
+        bad = [name for name, value in self.files.items() if not SHA256.fullmatch(value)]
+        if bad:
+            raise ValueError(f"files: {bad} without a SHA-256 (64 hex digits)")
+        if self.format >= 2 and not self.base_tensors:
+            raise ValueError("base_tensors: missing or empty (format 2 pins every base-model tensor)")
+        return self
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a checkpoint folder, after checking that every file it lists is intact."""
+    """The manifest of a checkpoint folder, after checking its schema and that every file it lists is intact."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a checkpoint folder ({MANIFEST_FILE} is missing)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: corrupted manifest ({error}); re-save the checkpoint") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
-    for name, expected in manifest.get("files", {}).items():
+    manifest = validated(manifest, path)
+    for name, expected in manifest["files"].items():
         file = folder / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from the checkpoint")
         if file_hash(file) != expected:
             raise CheckpointError(f"{file}: corrupted or truncated (its SHA-256 differs from {MANIFEST_FILE})")
     return manifest
+
+
+def validated(manifest: Any, path: Path) -> dict[str, Any]:
+    """``manifest`` checked against :class:`Manifest`; a CheckpointError naming the first bad field."""
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: this checkpoint's manifest is damaged: a JSON {type(manifest).__name__}, "
+                              f"not an object; {DAMAGED_REMEDY}")
+    try:
+        return Manifest.model_validate(manifest).model_dump()
+    except ValidationError as error:
+        first = error.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")  # the schema's own checks name their field
+        where = ".".join(str(part) for part in first["loc"])
+        raise CheckpointError(f"{path}: this checkpoint's manifest is damaged: "
+                              f"{f'{where}: ' if where else ''}{message}; {DAMAGED_REMEDY}") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Every floating adapter and module tensor is finite; the error names those that are not."""
+    bad = sorted(key for key, tensor in tensors.items() if not is_finite(tensor))
+    if bad:
+        raise CheckpointError(non_finite_error(bad, str(folder / ADAPTER_FILE),
+                                               "training diverged before this save: resume from an earlier checkpoint "
+                                               "or train again with a lower lr"))
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -171,11 +228,14 @@ def load_checkpoint(folder: str | Path, model_path: str | None = None) -> Adapte
     check_rope_config(model.config, config.model.name_or_path)
     try:
         adapted = apply_surgery(model, config)
+    except BaseModelError as error:  # NaN or infinite base tensors, named
+        raise CheckpointError(f"{folder}: {error}") from None
     except ValueError as error:  # targets that match nothing, a layer the method cannot adapt
         raise CheckpointError(f"{folder}: " + Versions.of(manifest).explain(
             f"its surgery does not apply to {type(model).__name__}: {error}",
             "point model.name_or_path at the model it was trained from")) from None
     tensors = read_tensors(folder)
+    check_finite(tensors, folder)
     check_layers(adapted, manifest, folder)
     check_strays(adapted, tensors, folder, manifest)
     check_base(adapted, manifest, folder)
@@ -291,19 +351,26 @@ def nearest_children(model: nn.Module, name: str) -> str:
 
 
 def check_base(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:
-    if adapted.base_fingerprint == manifest["base_fingerprint"]:
+    """The base model is the one the checkpoint was saved against: every tensor (format 2), the target layers'
+    weights (format 1)."""
+    if manifest["format"] >= 2:
+        differences = adapted.base.differences(manifest["base_tensors"])
+    else:
+        targets = {name: layer.base for name, layer in adapted.layers.items()}
+        same = target_fingerprint(targets) == manifest["base_fingerprint"]
+        differences = [] if same else ["the target layers' weights (a format-1 checkpoint pins only those)"]
+    if not differences:
         return
     versions = Versions.of(manifest)
-    saved, now = manifest["base_fingerprint"][:12], adapted.base_fingerprint[:12]
-    fingerprints = f"target-weight fingerprint {saved}... != {now}..."
+    found = "; ".join(differences)
     if versions.differ:
-        problem = (f"the target weights of {adapted.config.model.name_or_path!r} differ from those it was saved "
-                   f"against ({fingerprints}): another base model, or one this version loads differently "
-                   f"(converted, renamed or retyped weights)")
+        problem = (f"the base model {adapted.config.model.name_or_path!r} differs from the one it was saved against "
+                   f"({found}): another base model, or one this version loads differently (converted, renamed or "
+                   f"retyped weights)")
     else:
-        problem = f"saved against a different base model than {adapted.config.model.name_or_path!r} ({fingerprints})"
-    raise CheckpointError(f"{folder}: " + versions.explain(problem, "point model.name_or_path at the model it was "
-                                                                     "trained from"))
+        problem = f"saved against a different base model than {adapted.config.model.name_or_path!r} ({found})"
+    raise CheckpointError(f"{folder}: " + versions.explain(problem, "point model.name_or_path (or --model-path) at "
+                                                                     "the model it was trained from"))
 
 
 def check_derived(adapted: AdaptedModel, manifest: dict[str, Any], folder: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -20,6 +21,7 @@ from transformers import (
 from surgery.config import ModelConfig
 
 PACKAGE_PREFIX = "pkg:"
+INITIALISED_AT_LOAD = "surgery_initialised_at_load"  # the attribute load_model sets on the model it returns
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -74,12 +76,20 @@ def load_model(model: ModelConfig, meta: bool = False) -> PreTrainedModel:
             f"a config-only folder supports --dry-run only"
         )
     try:
-        loaded = _auto_class(model).from_pretrained(
-            path, dtype=dtype, trust_remote_code=model.trust_remote_code, **_task_kwargs(model)
+        loaded, info = _auto_class(model).from_pretrained(
+            path, dtype=dtype, trust_remote_code=model.trust_remote_code, output_loading_info=True,
+            **_task_kwargs(model)
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"model.name_or_path: cannot load {path!r} as {model.task}: {error}") from None
+    setattr(loaded, INITIALISED_AT_LOAD, frozenset(info.get("missing_keys") or ()))
     return loaded.eval()
+
+
+def initialised_at_load(model: nn.Module) -> frozenset[str]:
+    """The state-dict keys :func:`load_model` found in no weight file (a new task head, a pooler the checkpoint
+    lacks): randomly initialised, so no part of what pins the base model."""
+    return getattr(model, INITIALISED_AT_LOAD, frozenset())
 
 
 def _empty_model(model: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:

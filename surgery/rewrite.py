@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from surgery.config import SurgeryConfig
+from surgery.fingerprint import BaseDigest, BaseModelError, base_digest, non_finite_error
 from surgery.layers import layer_dims
 from surgery.methods import AdapterLayer, method_class
+from surgery.model import initialised_at_load
 from surgery.targets import TargetError, head_module_names, match, resolve_targets
 
 
@@ -21,8 +23,12 @@ class AdaptedModel:
     model: nn.Module
     config: SurgeryConfig
     base_params: int
-    base_fingerprint: str
+    base: BaseDigest  # every base tensor's digest, taken before surgery (surgery.fingerprint)
     trained_modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.base.fingerprint
 
     @property
     def layers(self) -> dict[str, AdapterLayer]:
@@ -52,8 +58,9 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
-def fingerprint(layers: dict[str, nn.Module]) -> str:
-    """SHA-256 over the target layers' names, shapes, dtypes and weight bytes; "meta" for empty weights."""
+def target_fingerprint(layers: dict[str, nn.Module]) -> str:
+    """SHA-256 over the target layers' names, shapes, dtypes and weight bytes; "meta" for empty weights. What a
+    format-1 checkpoint pinned (format 2 pins every tensor: surgery.fingerprint)."""
     digest = hashlib.sha256()
     for name in sorted(layers):
         for param_name, tensor in sorted(layers[name].state_dict().items()):
@@ -76,7 +83,10 @@ def apply_surgery(model: nn.Module, config: SurgeryConfig) -> AdaptedModel:
     cls = method_class(config.method.name)
     for name, layer in targets.items():
         cls.check_layer(*layer_dims(layer), config.method, name)
-    base_fingerprint = fingerprint(targets)
+    base = base_digest(model, skip=initialised_at_load(model) | saved_tensor_names(model, config))
+    if base.non_finite:
+        raise BaseModelError(non_finite_error(base.non_finite, f"model.name_or_path: {config.model.name_or_path}",
+                                              "the base model's files are damaged; load another copy of them"))
     for param in model.parameters():
         param.requires_grad_(False)
     for name, replacement in cls.wrap_targets(targets, config.method, model=model).items():
@@ -87,7 +97,15 @@ def apply_surgery(model: nn.Module, config: SurgeryConfig) -> AdaptedModel:
     for layer in adapter_layers(model).values():
         for param in layer.adapter_params().values():
             param.requires_grad_(True)
-    return AdaptedModel(model, config, base_params, base_fingerprint, trained)
+    return AdaptedModel(model, config, base_params, base, trained)
+
+
+def saved_tensor_names(model: nn.Module, config: SurgeryConfig) -> frozenset[str]:
+    """State-dict keys the checkpoint itself stores (trained modules, a seq-cls head): not what pins the base."""
+    modules = list(_trained_modules(model, config))
+    modules += head_module_names(model) if config.model.task == "seq-cls" else []
+    prefixes = tuple(f"{name}." for name in modules)
+    return frozenset(key for key in model.state_dict() if prefixes and key.startswith(prefixes))
 
 
 def _trained_modules(model: nn.Module, config: SurgeryConfig) -> dict[str, nn.Module]:
