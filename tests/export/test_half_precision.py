@@ -15,7 +15,6 @@ adapters randomised to non-trivial values or trained for a few steps.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from surgery.model import load_model
 from surgery.peft_interop import export_peft
 from surgery.rewrite import AdaptedModel, adapter_layers, apply_surgery
 from surgery.tolerances import MODEL
+from tests.fs import tree_digest
 from tests.export.checkpoints import (  # noqa: F401  (single_torch_thread: a fixture)
     TARGETS, adapted_model, save_lively_base, single_torch_thread, task_of)
 from tests.export.tiny_exports import word_tokenizer
@@ -104,12 +104,6 @@ def checkpoint(bases: dict, root: Path, arch: str, dtype: str, method: str) -> P
     if not (out / "checkpoint.json").is_file():
         save_checkpoint(half_adapted(bases[arch, dtype], arch, dtype, method), out)
     return out
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder`` (the user's files, before and after a refused command)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---- the fold: float32 accumulation, one rounding, never worse than PEFT's merge ----------------------------------

@@ -3,7 +3,6 @@ inputs longer than the model's positions (truncated for encoders, refused for de
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import shutil
@@ -27,6 +26,7 @@ from export.run import (
     position_limit,
 )
 from surgery.tolerances import MODEL
+from tests.fs import tree_digest
 from tests.tiny_models import tiny_model
 from tests.export.tiny_exports import (
     LABELS,
@@ -170,12 +170,6 @@ def test_cli_classifies_and_generates(bert, gpt2, capsys):
 
 
 # -- inputs longer than the model's positions ------------------------------------------------------------------------
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` by relative path: a refused or truncated run changes none."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def words(count: int) -> str:
