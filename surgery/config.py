@@ -143,5 +143,13 @@ def _allowed_keys(loc: tuple[Any, ...], method_name: str | None) -> list[str]:
 
 
 def dump_config(config: SurgeryConfig) -> str:
-    """The resolved config as YAML (defaults filled in), as saved with every checkpoint."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (defaults filled in), as saved with every checkpoint.
+
+    It loads back to the same config: of the two warm-up keys only the one in effect is written (``train:`` refuses
+    ``warmup_steps`` beside an explicit ``warmup_ratio``, and the filled-in default ``warmup_ratio: 0.0`` would be one).
+    """
+    resolved = config.model_dump(mode="json")
+    train = resolved.get("train")
+    if train is not None:
+        train.pop("warmup_ratio" if train["warmup_steps"] is not None else "warmup_steps")
+    return yaml.safe_dump(resolved, sort_keys=False)

@@ -1,9 +1,14 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from surgery.config import ConfigError, load_config, parse_config
+from surgery.config import ConfigError, dump_config, load_config, parse_config
 
+CONFIGS = Path(__file__).parents[2] / "configs"
+SHIPPED = sorted(  # configs/accelerate holds accelerate launch's own config files, not surgery configs
+    p for p in CONFIGS.glob("**/*.yaml") if CONFIGS / "accelerate" not in p.parents
+)
 BASE = {"model": {"name_or_path": "x", "task": "seq-cls"}, "targets": ["query"], "method": {"name": "lora", "r": 4}}
 
 
@@ -63,9 +68,25 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
 
 
 def test_every_shipped_config_validates() -> None:
-    root = Path(__file__).parents[2] / "configs"
-    accelerate = root / "accelerate"  # accelerate launch's own config files, not surgery configs
-    configs = sorted(p for p in root.glob("**/*.yaml") if accelerate not in p.parents)
-    assert configs, "configs/ ships at least one config"
-    for path in configs:
+    assert SHIPPED, "configs/ ships at least one config"
+    for path in SHIPPED:
         load_config(path)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_config_survives_dump_and_reload(path: Path, tmp_path: Path) -> None:
+    """A checkpoint's surgery.yaml is dump_config of the resolved config; loading it must give the same config."""
+    config = load_config(path)
+    saved = tmp_path / "surgery.yaml"
+    saved.write_text(dump_config(config))
+    assert load_config(saved).model_dump() == config.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("warmup", "steps_of_10k"), [({"warmup_steps": 500}, 500), ({"warmup_ratio": 0.06}, 600), ({}, 0)], ids=str
+)
+def test_warmup_survives_dump_and_reload(warmup: dict, steps_of_10k: int) -> None:
+    config = parse_config(with_(train={"data": {"train": "a"}, "epochs": 1, **warmup}))
+    reloaded = parse_config(yaml.safe_load(dump_config(config)))
+    assert reloaded.model_dump() == config.model_dump()
+    assert reloaded.train.warmup_for(10_000) == steps_of_10k
