@@ -100,14 +100,10 @@ class ProDALayer(AdapterLayer):
     def macs_per_token(cls, d_in: int, d_out: int, config: MethodConfig) -> Macs:
         assert isinstance(config, ProDAConfig)
         r, d_b = config.r, config.d_b
-        # The unmerged forward above, per token. A product with a learned vector or with the per-token gate
-        # counts one MAC per element; constant scalings (s) and additions of finished terms are free, as in
-        # LoRA's count. [A ; A diag(b_r)] is formed once per call, not per token.
-        low_rank = 2 * r * d_in + 2 * r * d_out  # [A ; A diag(b_r)] x~, then B on both halves
-        controller = d_b * d_in + d_b  # W_down x, W_up relu(.)
-        profile = 2 * d_in + d_out  # sum(x), b_r . x, b_c sum(x)
-        combine = 2 * d_out  # b_c (.) B A x~, gamma (.) interaction
-        return Macs(base=d_in * d_out, adapter=low_rank + controller + profile + combine)
+        # METHODS.md's per-token cost: one down-projection d_in -> 2r + d_b ([A ; A diag(b_r) ; W_down]), the gate's
+        # W_up (d_b), one up-projection 2r -> d_out. Element-wise products with vectors and the scalar gate are not
+        # counted (as in LoRA's count), so the unmerged adapter and the fold's residual cost the same.
+        return Macs(base=d_in * d_out, adapter=(2 * r + d_b) * d_in + 2 * r * d_out + d_b)
 
     # ---- fold --------------------------------------------------------------------------------------
     def static_update(self, dtype: torch.dtype) -> torch.Tensor:
@@ -129,12 +125,13 @@ class ProDALayer(AdapterLayer):
             self.controller_down.detach().to(dtype), self.controller_up.detach().to(dtype), self.scaling,
         )
         r, d_b = self.config.r, folded.d_b
+        macs = self.macs_per_token(self.d_in, self.d_out, self.config)  # the residual costs what the adapter did
         return Fold(
             module=folded,
             residual=f"sigmoid(W_up relu(W_down x)) * s (BA (.) P) x, fused: d_in -> 2r+d_b={2 * r + d_b}, gate, "
                      f"then [W' | up] [x ; gate * low_rank] in the static matmul (K = d_in + {2 * r})",
             note="dense",
-            macs_per_token=self.d_in * self.d_out + (2 * r + d_b) * self.d_in + 2 * r * self.d_out + d_b,
+            macs_per_token=macs.base + macs.adapter,
         )
 
     def extra_repr(self) -> str:

@@ -78,6 +78,14 @@ class FixedMask(nn.Module):
         return x * self.mask
 
 
+def test_proda_macs_follow_the_methods_formula() -> None:
+    # METHODS.md, ProDA: "(2r + d_b) d_in + 2r d_out + d_b MACs" per token. With r=4, d_b=3, d_in=16, d_out=24:
+    # (8 + 3) 16 + 8 24 + 3 = 176 + 192 + 3 = 371 (the count before issue 16 said 475: it added 2 d_in + 3 d_out
+    # for the element-wise profile and gate products, which the formula does not count).
+    macs = ProDALayer.macs_per_token(16, 24, ProDAConfig(r=4, d_b=3))
+    assert (macs.base, macs.adapter) == (16 * 24, 371)
+
+
 def test_proda_dropout_reaches_only_the_low_rank_paths() -> None:
     # P x and the controller see x; B A x~ and (B A (.) P) x~ see the dropped input.
     layer = randomized(ProDALayer, base_layers(D_IN, D_OUT)["linear"], ProDAConfig(r=4, d_b=3, dropout=0.5))
