@@ -82,6 +82,10 @@ def load_model(model: ModelConfig, meta: bool = False) -> PreTrainedModel:
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"model.name_or_path: cannot load {path!r} as {model.task}: {error}") from None
+    except RuntimeError as error:  # transformers: a saved task head of another size than model.num_labels
+        raise ModelLoadError(f"model.name_or_path: {path!r} does not fit model.task {model.task} with num_labels "
+                             f"{model.num_labels}: {' '.join(str(error).split())[:300]}; set model.num_labels to the "
+                             f"saved head's, or point model.name_or_path at the model without that head") from None
     setattr(loaded, INITIALISED_AT_LOAD, frozenset(info.get("missing_keys") or ()))
     return loaded.eval()
 

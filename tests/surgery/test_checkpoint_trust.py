@@ -165,3 +165,21 @@ def test_an_infinite_base_tensor_is_named_at_load(bert: Path, ckpt: Path, tmp_pa
     message = refused(ckpt, "hold NaN or infinite values", model_path=str(broken))
     assert name in message and "base model's files are damaged" in message
     assert tree_digest(broken) == before
+
+
+def test_a_base_whose_saved_head_has_another_size_names_num_labels(tmp_path: Path) -> None:
+    """transformers raises a bare RuntimeError for a 3-label head loaded as 2 labels: a ModelLoadError here."""
+    from surgery.config import parse_config
+    from surgery.model import ModelLoadError
+
+    base = tmp_path / "three"
+    three = tiny_model("bert", task="seq-cls")
+    three.config.num_labels = 3
+    three.classifier = torch.nn.Linear(three.config.hidden_size, 3)
+    three.save_pretrained(base, safe_serialization=True)
+    before = tree_digest(base)
+    config = parse_config({"model": {"name_or_path": str(base), "task": "seq-cls", "num_labels": 2},
+                           "targets": ["query"], "method": {"name": "lora", "r": 2}, "output_dir": str(tmp_path / "o")})
+    with pytest.raises(ModelLoadError, match="num_labels 2: .*set model.num_labels to the saved head's"):
+        load_model(config.model)
+    assert tree_digest(base) == before
