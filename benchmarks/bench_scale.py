@@ -116,6 +116,7 @@ class Setting:
 
     dtype: str = "float32"  # of the base weights on disk (model.dtype of the surgery config)
     method: str = "lora"
+    latency: bool = False  # the export step also measures latency (a base export made the same way, timed after)
 
     @property
     def itemsize(self) -> int:
@@ -239,8 +240,8 @@ def commands(config: Path, folder: Path, setting: Setting) -> dict[str, tuple[st
     return {
         STEPS[0]: ("surgery.apply", str(config), "--dry-run", "--report", str(folder / "plan.json")),
         STEPS[1]: ("surgery.apply", str(config), "--report", str(folder / "surgery.json")),
-        STEPS[2]: ("export.onnx", str(folder / "ckpt"), "--merge", "--no-latency", "--no-fp16-check",
-                   "--dtype", setting.export_dtype, "--out", str(folder / "onnx")),
+        STEPS[2]: ("export.onnx", str(folder / "ckpt"), "--merge", *(() if setting.latency else ("--no-latency",)),
+                   "--no-fp16-check", "--dtype", setting.export_dtype, "--out", str(folder / "onnx")),
     }
 
 
@@ -610,6 +611,9 @@ def notes_of(shape: str, plan: dict[str, Any], files: dict[str, int], export_row
         "at exit); peak RSS is that VmHWM, the child's own. wait4's ru_maxrss (in the JSON) is not: exec folds the "
         "parent's high-water mark into it (see PEAK_WRAPPER). Wall time includes interpreter start and imports; "
         "CPU time is from wait4; the 2-layer Llama's run of the same step gives the fixed cost",
+        "export step: " + ("with latency (the base model exported the same streaming way into a temporary folder, "
+                           "then the two sessions timed one after the other, never both loaded)" if setting.latency
+                           else "--no-latency (export, parity and greedy checks)"),
         "export files: " + ", ".join(f"{name} {size / MIB:,.0f} MiB" for name, size in files.items()),
         f"export: {export_row['wall_s']:.0f} s wall, {export_row['cpu_s']:.0f} s CPU (CPU well below wall x cores "
         "means the child waited: a busy machine, disk)",
@@ -620,7 +624,8 @@ def notes_of(shape: str, plan: dict[str, Any], files: dict[str, int], export_row
 def results_name(shape: str, setting: Setting) -> str:
     """scale (TinyLlama-1.1B float32 LoRA, the original run's name) or scale_<shape>_<dtype>_<method>."""
     default = shape == "llama-1.1b" and setting == Setting()
-    return "scale" if default else f"scale_{shape}_{setting.dtype}_{setting.method}"
+    latency = "_latency" if setting.latency else ""
+    return "scale" if default else f"scale_{shape}_{setting.dtype}_{setting.method}{latency}"
 
 
 def report(shape: str, machine: dict[str, Any], rows: list[dict[str, Any]], plan: dict[str, Any],
@@ -634,7 +639,8 @@ def report(shape: str, machine: dict[str, Any], rows: list[dict[str, Any]], plan
                       RSS_LIMIT)]
     method, method_targets = METHODS[setting.method]
     settings = {"model": shape, "params": params, "model_bytes": size, "method": method, "targets": method_targets,
-                "dtype": setting.dtype, "export_dtype": setting.export_dtype, "reference": REFERENCE, "quick": quick}
+                "dtype": setting.dtype, "export_dtype": setting.export_dtype, "latency": setting.latency, "reference": REFERENCE,
+                "quick": quick}
     write_results(name, f"Surgery, fold and export at scale ({shape}, {setting.dtype}, {setting.method}): wall time "
                   f"and peak RSS", machine, settings, rows, COLUMNS, targets,
                   notes_of(shape, plan, files, export_row, setting), results_dir=out_dir)
@@ -688,6 +694,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results (quick: benchmarks/results/tmp)")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPE), default="float32",
                         help="dtype of the random weights on disk (float16 exports --dtype fp16, the others fp32)")
+    parser.add_argument("--latency", action="store_true", help="the export step measures latency too (same bound)")
     parser.add_argument("--method", choices=sorted(METHODS), default="lora",
                         help="lora: r=8 on all-linear; proda: r=8 on q_proj, v_proj")
     parser.add_argument("--optimum", type=Path, nargs="?", const=COMPAT_PYTHON,
@@ -706,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_child:
         ckpt, out, result, dtype = args.profile_child
         return profile_child(Path(ckpt), Path(out), Path(result), dtype)
-    setting = Setting(args.dtype, args.method)
+    setting = Setting(args.dtype, args.method, args.latency)
     params, size = model_bytes(args.shape, setting)
     print(f"bench_scale: {args.shape}, {params:,} parameters in {setting.dtype}, {setting.method}; exported weights "
           f"{size / GIB:.2f} GiB ({setting.export_dtype})", flush=True)
