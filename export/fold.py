@@ -33,7 +33,7 @@ from torch import nn
 
 from export.weights import release_pages
 from surgery.layers import ADAPTABLE_TYPES, is_adaptable, layer_dims, weight_out_in
-from surgery.methods.base import AdapterLayer
+from surgery.methods.base import AdapterLayer, ApproximatedLayer
 from surgery.rewrite import AdaptedModel, adapter_layers
 from surgery.tolerances import Tolerance, layer_tolerance
 
@@ -298,19 +298,24 @@ def unfolded_layers(model: AdaptedModel | nn.Module) -> list[LayerFold]:
 def model_macs(model: nn.Module, layers: list[LayerFold]) -> tuple[int, int]:
     """(deployed, base) MACs per token of the model's Linear/Conv1D layers.
 
-    Adapted layers count their record's MACs (deployed) or ``d_in d_out`` (base); every other Linear/Conv1D,
-    heads included, counts ``d_in d_out`` in both. Attention products (sequence-length dependent) and embedding
-    lookups are not counted. ``model`` is the unfolded model.
+    Adapted layers count their record's MACs (deployed) or ``d_in d_out`` (base); a layer the surgery approximated
+    without adapter (:class:`ApproximatedLayer`, R-/S-LoDA's untargeted q/k/v sibling) counts its own ``layer_macs()``
+    (deployed) or ``d_in d_out`` (base); every other Linear/Conv1D, heads included, counts ``d_in d_out`` in both.
+    Attention products (sequence-length dependent) and embedding lookups are not counted. ``model`` is the unfolded
+    model (or the folded one: the records' names are skipped either way).
     """
     adapted = {record.name: record for record in layers}
+    approximated = {name: module for name, module in named_modules_outside(model, adapted)
+                    if isinstance(module, ApproximatedLayer)}
     other = sum(
         d_in * d_out
-        for name, module in named_modules_outside(model, adapted)
+        for name, module in named_modules_outside(model, {**adapted, **approximated})
         if isinstance(module, ADAPTABLE_TYPES)
         for d_in, d_out in [layer_dims(module)]
     )
-    deployed = other + sum(r.macs_per_token for r in layers)
-    base = other + sum(r.base_macs_per_token for r in layers)
+    approximations = [(module.layer_macs(), module.d_in * module.d_out) for module in approximated.values()]
+    deployed = other + sum(r.macs_per_token for r in layers) + sum(m.base + m.adapter for m, _ in approximations)
+    base = other + sum(r.base_macs_per_token for r in layers) + sum(dense for _, dense in approximations)
     return deployed, base
 
 

@@ -7,21 +7,30 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from surgery.methods.base import AdapterLayer, ApproximatedLayer
 from surgery.rewrite import AdaptedModel
 
 
 def layer_rows(adapted: AdaptedModel) -> list[dict[str, Any]]:
-    """One row per adapted layer, counted by the method's own formulas."""
+    """One row per layer the surgery replaced, in the model's order, counted by the method's own formulas: each
+    adapted layer, and each layer approximated without adapter (R-/S-LoDA's untargeted q/k/v sibling)."""
+    method = adapted.config.method
     rows = []
-    for name, layer in adapted.layers.items():
-        cls, cfg = type(layer), layer.config
-        macs = cls.macs_per_token(layer.d_in, layer.d_out, cfg)
+    for name, layer in adapted.model.named_modules():
+        if isinstance(layer, AdapterLayer):
+            trainable = type(layer).count_params(layer.d_in, layer.d_out, layer.config)
+        elif isinstance(layer, ApproximatedLayer):
+            trainable = 0
+        else:
+            continue
+        macs = layer.layer_macs()
         rows.append({
             "name": name,
-            "method": cfg.name,
+            "method": method.name,
+            "adapter": isinstance(layer, AdapterLayer),
             "d_in": layer.d_in,
             "d_out": layer.d_out,
-            "trainable_params": cls.count_params(layer.d_in, layer.d_out, cfg),
+            "trainable_params": trainable,
             "base_macs_per_token": macs.base,
             "adapter_macs_per_token": macs.adapter,
         })
@@ -29,7 +38,8 @@ def layer_rows(adapted: AdaptedModel) -> list[dict[str, Any]]:
 
 
 def build_report(adapted: AdaptedModel) -> dict[str, Any]:
-    """The ``--report`` JSON: totals plus one entry per adapted layer and per fully trained module."""
+    """The ``--report`` JSON: totals plus one entry per replaced layer (see :func:`layer_rows`) and per fully trained
+    module."""
     rows = layer_rows(adapted)
     trained = {
         name: sum(p.numel() for p in module.parameters()) for name, module in adapted.trained_modules.items()

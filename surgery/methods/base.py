@@ -220,6 +220,11 @@ class AdapterLayer(nn.Module, ABC):
     def macs_per_token(cls, d_in: int, d_out: int, config: MethodConfig) -> Macs:
         """Per-token MACs of the deployed base layer and of the unmerged adapter."""
 
+    def layer_macs(self) -> Macs:
+        """This layer's MACs per token as built: :meth:`macs_per_token` unless the layer shares work with others
+        (R-LoDA's qkv group computes ``V_R x`` once) or its cost depends on its weights (S-LoDA's kept count)."""
+        return type(self).macs_per_token(self.d_in, self.d_out, self.config)
+
     @abstractmethod
     def fold(self) -> Fold:
         """Fold what merges into the static weight (accumulating in float32 or float64, rounding once).
@@ -254,6 +259,26 @@ class AdapterLayer(nn.Module, ABC):
         return f"method={self.config.name}, d_in={self.d_in}, d_out={self.d_out}, r={self.config.r}"
 
 
+class ApproximatedLayer(nn.Module, ABC):
+    """A frozen layer a method replaced by an approximation without adding an adapter (R-/S-LoDA's untargeted q/k/v
+    sibling under ``approx_scope: qkv``). ``base`` stays for its bias and the model's state_dict layout; the plan
+    and the export count it by :meth:`layer_macs`, not as the dense layer it replaced. x: (..., d_in) -> (..., d_out).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.d_in, self.d_out = layer_dims(base)
+
+    @abstractmethod
+    def layer_macs(self) -> Macs:
+        """MACs per token of the approximation (``adapter`` is 0)."""
+
+    @abstractmethod
+    def derived_tensors(self) -> dict[str, torch.Tensor]:
+        """The frozen tensors computed from the base (hashed like an adapter layer's)."""
+
+
 class ResidualLayer(nn.Module):
     """A folded layer whose output is ``static(x) + residual(x)``; x: (..., d_in) -> (..., d_out)."""
 
@@ -284,6 +309,7 @@ def require(condition: bool, layer_name: str, message: str) -> None:
 
 __all__ = [
     "AdapterLayer",
+    "ApproximatedLayer",
     "Fold",
     "Macs",
     "MethodConfig",

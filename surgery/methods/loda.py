@@ -24,7 +24,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from surgery.layers import is_adaptable, layer_dims
-from surgery.methods.base import AdapterLayer, Fold, Macs, MethodConfig, ResidualLayer, kaiming_, require
+from surgery.methods.base import (
+    AdapterLayer,
+    ApproximatedLayer,
+    Fold,
+    Macs,
+    MethodConfig,
+    ResidualLayer,
+    kaiming_,
+    require,
+)
 
 LEAKY_SLOPE = 0.8  # loda.txt section 3.1: "LeakyReLU with a fixed slope of 0.8"
 LN_EPS = 1e-5  # nn.LayerNorm's default; METHODS.md gives none
@@ -264,8 +273,14 @@ class ApproxLoDALayer(LoDALayer):
 
     @classmethod
     @abstractmethod
-    def approximated_layer(cls, base: nn.Module, approximation: Approximation) -> nn.Module:
+    def approximated_layer(cls, base: nn.Module, approximation: Approximation,
+                           config: MethodConfig) -> ApproximatedLayer:
         """A frozen module computing the approximated layer alone (a q/k/v sibling that is not a target)."""
+
+    @classmethod
+    def link_group(cls, members: dict[str, nn.Module]) -> None:
+        """Let the replacements of one q, k, v group (adapter layers and approximated siblings, in q, k, v order)
+        share work; nothing to share by default (R-LoDA shares ``V_R x``)."""
 
     @classmethod
     def wrap_targets(cls, targets: dict[str, nn.Module], config: MethodConfig,
@@ -279,11 +294,14 @@ class ApproxLoDALayer(LoDALayer):
             for name, layer in group.items():
                 cls.check_approximation(*layer_dims(layer), config, name)
             shares = cls.approximate(group, config)
-            for name, layer in group.items():
-                if name in targets:
-                    replacements[name] = cls(layer, config, layer_name=name, approximation=shares[name])
-                else:
-                    replacements[name] = cls.approximated_layer(layer, shares[name])
+            members = {
+                name: cls(layer, config, layer_name=name, approximation=shares[name]) if name in targets
+                else cls.approximated_layer(layer, shares[name], config)
+                for name, layer in group.items()
+            }
+            if len(members) > 1:
+                cls.link_group(members)
+            replacements.update(members)
         return replacements
 
 

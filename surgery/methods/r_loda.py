@@ -7,7 +7,10 @@ The singular values are split evenly between the factors (balanced factors keep 
 matters once they are rounded to half precision), and each component's sign is fixed so that the largest entry
 of its ``U`` column is positive: the SVD runs in float64 on the CPU, so the factors are reproducible and their
 checkpoint hash is stable. ``approx_scope: qkv`` factors the stacked ``[Wq; Wk; Wv]`` once (shared ``V_R``, each
-layer its row block of ``U_R``); a sibling that is not a target becomes a :class:`LowRankLayer` without adapter.
+layer its row block of ``U_R``); a sibling that is not a target becomes a :class:`LowRankLayer` without adapter. The
+group computes ``V_R x`` once (:class:`GroupProjection`), so it costs ``R (d_in + d_q + d_k + d_v)`` MACs per token
+as METHODS.md's stacked layer does; its ``R d_in`` is counted once, by its first member without adapter if it has one
+(that one stays unfolded in every export), else by its first member.
 
 Fold: ``y = [U_R | s B] [V_R ; A] x + b + residual`` as :class:`LowRankLoDAFold`: two thin matmuls of inner size
 ``R + r``, the non-linear path reading the ``A x`` rows of the first.
@@ -15,7 +18,8 @@ Fold: ``y = [U_R | s B] [V_R ; A] x + b + residual`` as :class:`LowRankLoDAFold`
 
 from __future__ import annotations
 
-from typing import Literal
+import weakref
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -23,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from surgery.layers import layer_bias, weight_out_in
-from surgery.methods.base import Fold, Macs, MethodConfig, require
+from surgery.methods.base import ApproximatedLayer, Fold, Macs, MethodConfig, require
 from surgery.methods.loda import (
     Approximation,
     ApproxLoDALayer,
@@ -61,38 +65,97 @@ def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return U * root, root.unsqueeze(1) * Vh
 
 
-def low_rank_forward(x: torch.Tensor, U_R: torch.Tensor, V_R: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # x: (..., d_in) -> (..., R) -> (..., d_out)
-    return F.linear(F.linear(x, V_R), U_R, bias)
+class GroupProjection:
+    """``V_R x`` for the members of one qkv group, computed once per input.
+
+    The attention calls q, k and v one after another on the same hidden states, and they share ``V_R``: the first
+    call computes ``V_R x``, the others reuse it, the last releases it. Exact: the same product of the same tensors.
+    The memo is keyed on the identity and version of ``x`` and of ``V_R``, on grad mode and on autocast, so another
+    input (cross-attention's k and v, the next step, a cast copy of ``V_R``) computes anew. It is one tuple, read and
+    replaced whole, so replicas sharing it in threads can miss, never mix. A copy or a pickle starts empty (the
+    copies of one group's members still share one).
+    """
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self._entry: tuple[Any, ...] | None = None  # (x ref, V_R ref, key, V_R x, uses left)
+
+    def __call__(self, x: torch.Tensor, V_R: torch.Tensor) -> torch.Tensor:
+        # x: (..., d_in) -> (..., R)
+        if x.is_inference() or V_R.is_inference():  # no version counters to key on
+            return F.linear(x, V_R)
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        key = (x._version, V_R._version, torch.is_grad_enabled(), autocast)
+        entry = self._entry
+        if entry is not None and entry[0]() is x and entry[1]() is V_R and entry[2] == key:
+            uses_left = entry[4] - 1
+            self._entry = (*entry[:4], uses_left) if uses_left > 0 else None
+            return entry[3]
+        projected = F.linear(x, V_R)
+        self._entry = (weakref.ref(x), weakref.ref(V_R), key, projected, self.members - 1)
+        return projected
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GroupProjection:
+        return GroupProjection(self.members)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.members, self._entry = state["members"], None
 
 
-class LowRankLayer(nn.Module):
+class SharesProjection:
+    """``V_R x`` for a layer holding ``V_R`` (R, d_in): alone, or through its qkv group's :class:`GroupProjection`."""
+
+    V_R: torch.Tensor
+    d_in: int
+    d_out: int
+    group_projection: GroupProjection | None = None  # set by :meth:`RLoDALayer.link_group`
+    counts_projection: bool = True  # whether this layer's MACs include the R d_in of V_R x
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., d_in) -> (..., R)
+        if self.group_projection is None:
+            return F.linear(x, self.V_R)
+        return self.group_projection(x, self.V_R)
+
+    def low_rank_macs(self) -> int:
+        """MACs per token of ``U_R (V_R x)`` here: ``R d_out``, plus ``R d_in`` where this layer counts V_R x."""
+        return self.V_R.shape[0] * ((self.d_in if self.counts_projection else 0) + self.d_out)
+
+
+class LowRankLayer(SharesProjection, ApproximatedLayer):
     """A frozen layer replaced by its rank-R factors, without adapter (approx_scope: qkv's untargeted sibling).
     x: (..., d_in) -> (..., d_out). ``base`` is kept frozen for its bias and the model's state_dict layout."""
 
     def __init__(self, base: nn.Module, U_R: torch.Tensor, V_R: torch.Tensor) -> None:
-        super().__init__()
-        self.base = base.requires_grad_(False)
+        super().__init__(base)
         self.register_buffer("U_R", U_R, persistent=False)  # (d_out, R)
         self.register_buffer("V_R", V_R, persistent=False)  # (R, d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return low_rank_forward(x, self.U_R, self.V_R, layer_bias(self.base))
+        return F.linear(self.project(x), self.U_R, layer_bias(self.base))
+
+    def layer_macs(self) -> Macs:
+        return Macs(base=self.low_rank_macs(), adapter=0)
 
     def derived_tensors(self) -> dict[str, torch.Tensor]:
         return {"U_R": self.U_R, "V_R": self.V_R}
 
     def extra_repr(self) -> str:
-        return f"rank={self.V_R.shape[0]}, d_in={self.V_R.shape[1]}, d_out={self.U_R.shape[0]}"
+        return f"rank={self.V_R.shape[0]}, d_in={self.d_in}, d_out={self.d_out}"
 
 
-class RLoDALayer(ApproxLoDALayer):
+class RLoDALayer(SharesProjection, ApproxLoDALayer):
     """R-LoDA, or R-LoDA+ (:class:`RLoDAPlusLayer`) when the config has ``f2``."""
 
     config_class = RLoDAConfig
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return low_rank_forward(x, self.U_R, self.V_R, self.base_bias)
+        # x: (..., d_in) -> (..., R) -> (..., d_out)
+        return F.linear(self.project(x), self.U_R, self.base_bias)
 
     @classmethod
     def check_approximation(cls, d_in: int, d_out: int, config: MethodConfig, layer_name: str) -> None:
@@ -116,12 +179,26 @@ class RLoDALayer(ApproxLoDALayer):
         return {name: {"U_R": block, "V_R": V_R} for name, block in zip(layers, U_R.split(rows), strict=True)}
 
     @classmethod
-    def approximated_layer(cls, base: nn.Module, approximation: Approximation) -> nn.Module:
+    def approximated_layer(cls, base: nn.Module, approximation: Approximation, config: MethodConfig) -> LowRankLayer:
         return LowRankLayer(base, approximation["U_R"], approximation["V_R"])
 
     @classmethod
+    def link_group(cls, members: dict[str, nn.Module]) -> None:
+        """One ``V_R x`` for the group; its ``R d_in`` MACs counted by the first member without adapter (it stays
+        unfolded in every export, where the folded members compute their own), else by the first member."""
+        projection = GroupProjection(len(members))
+        counter = next((m for m in members.values() if not isinstance(m, RLoDALayer)), next(iter(members.values())))
+        for member in members.values():
+            member.group_projection = projection
+            member.counts_projection = member is counter
+
+    @classmethod
     def macs_per_token(cls, d_in: int, d_out: int, config: MethodConfig) -> Macs:
+        """A layer approximated alone: ``R (d_in + d_out)``; :meth:`layer_macs` gives a qkv group member's share."""
         return Macs(base=config.approx_rank * (d_in + d_out), adapter=adapter_macs(d_in, d_out, config))
+
+    def layer_macs(self) -> Macs:
+        return Macs(base=self.low_rank_macs(), adapter=adapter_macs(self.d_in, self.d_out, self.config))
 
     def static_update(self, dtype: torch.dtype) -> None:
         """None: the fold keeps the rank-R factors and s B A as two thin matmuls, no dense weight."""

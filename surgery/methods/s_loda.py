@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from surgery.layers import build_like, layer_bias, weight_out_in
-from surgery.methods.base import Fold, Macs, MethodConfig, ResidualLayer, require
+from surgery.methods.base import ApproximatedLayer, Fold, Macs, MethodConfig, ResidualLayer, require
 from surgery.methods.loda import (
     Approximation,
     ApproxLoDALayer,
@@ -71,6 +71,15 @@ def kept_count(numel: int, keep: float) -> int:
     return round(keep * numel)
 
 
+def kept_entries(pruned_weight: torch.Tensor, keep: float) -> int:
+    """Entries a pruned weight (d_out, d_in) keeps, counted: under ``approx_scope: qkv`` one threshold over the stack
+    gives each layer its own share, not ``keep`` of it. An entry of W0 that was exactly 0 counts as dropped (a sparse
+    kernel skips it too). On the meta device (dry run) nothing is known but the nominal ``round(keep d_in d_out)``."""
+    if pruned_weight.is_meta:
+        return kept_count(pruned_weight.numel(), keep)
+    return int(torch.count_nonzero(pruned_weight))
+
+
 def magnitude_mask(weight: torch.Tensor, keep: float, pattern: Pattern) -> torch.Tensor:
     """Boolean mask (m, n) of the entries of weight (m, n) to keep; ties go to the lower index."""
     magnitude = weight.detach().to("cpu", torch.float64).abs()
@@ -84,24 +93,26 @@ def magnitude_mask(weight: torch.Tensor, keep: float, pattern: Pattern) -> torch
     return mask.reshape(weight.shape)
 
 
-class PrunedLayer(nn.Module):
+class PrunedLayer(ApproximatedLayer):
     """A frozen layer replaced by its pruned weight, without adapter (approx_scope: qkv's untargeted sibling).
     x: (..., d_in) -> (..., d_out). ``base`` is kept frozen for its bias and the model's state_dict layout."""
 
-    def __init__(self, base: nn.Module, pruned_weight: torch.Tensor) -> None:
-        super().__init__()
-        self.base = base.requires_grad_(False)
+    def __init__(self, base: nn.Module, pruned_weight: torch.Tensor, keep: float) -> None:
+        super().__init__(base)
+        self.keep = keep
         self.register_buffer("pruned_weight", pruned_weight, persistent=False)  # (d_out, d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.pruned_weight, layer_bias(self.base))
 
+    def layer_macs(self) -> Macs:
+        return Macs(base=kept_entries(self.pruned_weight, self.keep), adapter=0)
+
     def derived_tensors(self) -> dict[str, torch.Tensor]:
         return {"pruned_weight": self.pruned_weight}
 
     def extra_repr(self) -> str:
-        d_out, d_in = self.pruned_weight.shape
-        return f"d_in={d_in}, d_out={d_out}"
+        return f"d_in={self.d_in}, d_out={self.d_out}, keep={self.keep}"
 
 
 class SLoDALayer(ApproxLoDALayer):
@@ -135,12 +146,17 @@ class SLoDALayer(ApproxLoDALayer):
         return {name: {"pruned_weight": w.contiguous()} for name, w in zip(layers, pruned, strict=True)}
 
     @classmethod
-    def approximated_layer(cls, base: nn.Module, approximation: Approximation) -> nn.Module:
-        return PrunedLayer(base, approximation["pruned_weight"])
+    def approximated_layer(cls, base: nn.Module, approximation: Approximation, config: MethodConfig) -> PrunedLayer:
+        return PrunedLayer(base, approximation["pruned_weight"], config.keep)
 
     @classmethod
     def macs_per_token(cls, d_in: int, d_out: int, config: MethodConfig) -> Macs:
+        """A layer pruned alone: ``round(keep d_in d_out)``; :meth:`layer_macs` counts what this layer's mask kept."""
         return Macs(base=kept_count(d_in * d_out, config.keep), adapter=adapter_macs(d_in, d_out, config))
+
+    def layer_macs(self) -> Macs:
+        return Macs(base=kept_entries(self.pruned_weight, self.config.keep),
+                    adapter=adapter_macs(self.d_in, self.d_out, self.config))
 
     def fold(self) -> Fold:
         if self.config.pattern == "2:4":

@@ -45,6 +45,19 @@ def test_dry_run_on_config_only_folder(method: str, tmp_path: Path, capsys: pyte
     assert not (tmp_path / "out").exists(), "a dry run writes no checkpoint"
 
 
+def test_dry_run_plans_the_qkv_group_with_its_unadapted_k(tmp_path: Path) -> None:
+    """R-LoDA, approx_scope: qkv on meta weights: the plan lists k (approximated, no adapter) and counts the group's
+    V_R x once: R (d_in + d_q + d_k + d_v) per attention (tiny Llama: d_in 32; q 32, k 16, v 16)."""
+    method = {"name": "r_loda", "r": 2, "approx_rank": 6, "approx_scope": "qkv"}
+    cfg = write_cfg(tmp_path, config_only_folder(tmp_path), method)
+    assert main([str(cfg), "--dry-run", "--report", str(tmp_path / "plan.json")]) == 0
+    rows = json.loads((tmp_path / "plan.json").read_text())["modules"]
+    assert [(row["name"].rsplit(".", 1)[-1], row["adapter"]) for row in rows[:3]] == [
+        ("q_proj", True), ("k_proj", False), ("v_proj", True)]
+    assert len(rows) == 6 and rows[1]["trainable_params"] == rows[1]["adapter_macs_per_token"] == 0
+    assert sum(row["base_macs_per_token"] for row in rows) == 2 * 6 * (32 + 32 + 16 + 16)
+
+
 def test_dry_run_allocates_no_weights(tmp_path: Path) -> None:
     from surgery.apply import plan
     from surgery.config import load_config

@@ -1,7 +1,12 @@
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from export.fold import fold_model, model_macs
 from surgery.config import parse_config
 from surgery.layers import weight_out_in
 from surgery.methods import METHODS
@@ -14,7 +19,8 @@ from surgery.methods.r_loda import (
     RLoDAPlusConfig,
     RLoDAPlusLayer,
 )
-from surgery.rewrite import apply_surgery
+from surgery.report import build_report
+from surgery.rewrite import AdaptedModel, apply_surgery
 from surgery.targets import resolve_targets
 from surgery.tolerances import layer_tolerance
 from tests.surgery.method_harness import (
@@ -182,3 +188,87 @@ def test_qkv_scope_checks_the_untargeted_sibling() -> None:
     config = RLoDAConfig(r=4, approx_rank=16, approx_scope="qkv")  # k_proj is 16 x 32
     with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.k_proj': approx_rank=16"):
         RLoDALayer.wrap_targets(resolve_targets(model, ["q_proj"]), config, model=model)
+
+
+# ---- approx_scope: qkv computes V_R x once for the group (METHODS.md: the stacked [Wq; Wk; Wv] costs
+# R (d_in + d_out) MACs per token with d_out = d_q + d_k + d_v) -----------------------------------------------------
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def qkv_llama(rank: int = 6, r: int = 2) -> tuple[nn.Module, AdaptedModel]:
+    """Tiny Llama (d_in 32; q 32, k 16, v 16 outputs) in float64 with R-LoDA on q and v, q, k, v factored jointly,
+    every adapter randomised so the group's outputs are not the base's."""
+    model = tiny_model("llama", dtype=torch.float64)
+    adapted = apply_surgery(model, parse_config({
+        "model": {"name_or_path": "tiny"}, "targets": ["q_proj", "v_proj"],
+        "method": {"name": "r_loda", "r": r, "approx_rank": rank, "approx_scope": "qkv"},
+    }))
+    generator = torch.Generator().manual_seed(0)
+    for layer in adapted.layers.values():
+        layer.randomize_(generator, std=0.3)
+    return model, adapted
+
+
+def test_qkv_group_computes_V_R_x_once_and_exactly_as_per_layer() -> None:
+    model, adapted = qkv_llama()
+    attention = model.model.layers[0].self_attn
+    q, k, v = (getattr(attention, p) for p in QKV)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    with FlopCounterMode(display=False) as counter:
+        shared = [m(x) for m in (q, k, v)]  # one input, as the attention calls them
+    alone = [m(x.clone()) for m in (q, k, v)]  # equal values, another tensor: each computes its own V_R x
+    assert all(torch.equal(a, b) for a, b in zip(shared, alone, strict=True)), "sharing V_R x changes no bit"
+    # By hand from METHODS.md (R = 6, r = 2, d_in = 32; d_q, d_k, d_v = 32, 16, 16): the stacked approximation
+    # R (d_in + d_q + d_k + d_v) = 6 (32 + 64) = 576, LoDA's A, M1, M2, B on q and v: r d_in + 2 r^2 + r d_out =
+    # 64 + 8 + 64 = 136 and 64 + 8 + 32 = 104: 816 per token (before issue 16, V_R x once per layer: 1200).
+    assert counter.get_total_flops() == 2 * 10 * 816  # FlopCounterMode counts 2 flops per MAC; 10 tokens
+    rows = {row["name"].rsplit(".", 1)[-1]: row for row in build_report(adapted)["modules"]
+            if row["name"].startswith("model.layers.0.")}
+    assert sum(row["base_macs_per_token"] + row["adapter_macs_per_token"] for row in rows.values()) == 816
+
+
+def test_qkv_group_gradients_match_per_layer() -> None:
+    model, _ = qkv_llama()
+    attention = model.model.layers[0].self_attn
+    x_shared, x_alone = (torch.randn(3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+                         .requires_grad_() for _ in range(2))
+    sum(getattr(attention, p)(x_shared).square().sum() for p in QKV).backward()
+    sum(getattr(attention, p)(x_alone.clone()).square().sum() for p in QKV).backward()
+    torch.testing.assert_close(x_shared.grad, x_alone.grad, atol=F64.atol, rtol=F64.rtol)
+
+
+def test_qkv_group_projection_recomputes_for_another_input() -> None:
+    model, _ = qkv_llama()
+    attention = model.model.layers[0].self_attn
+    q, k, v = (getattr(attention, p) for p in QKV)
+    x, memory = torch.randn(4, 32, dtype=torch.float64), torch.randn(4, 32, dtype=torch.float64)
+    expected_k, expected_v = k(memory.clone()), v(memory.clone())
+    q(x)  # cross-attention: q reads x, k and v another tensor
+    assert torch.equal(k(memory), expected_k) and torch.equal(v(memory), expected_v)
+    q(x)
+    x.add_(1.0)  # changed in place after q read it
+    assert torch.equal(k(x), k(x.clone()))
+    copied = copy.deepcopy(q)
+    assert copied.group_projection is not q.group_projection and copied.group_projection._entry is None
+    assert pickle.loads(pickle.dumps(q.group_projection))._entry is None
+
+
+def test_plan_and_export_count_the_group_once_and_k_approximated() -> None:
+    model, adapted = qkv_llama()
+    rank, r, d_in = 6, 2, 32
+    rows = build_report(adapted)["modules"]
+    assert [row["name"].rsplit(".", 1)[-1] for row in rows] == list(QKV) * 2, "the plan lists the unadapted k"
+    group = [row for row in rows if row["name"].startswith("model.layers.0.")]
+    assert [(row["adapter"], row["trainable_params"]) for row in group] == [(True, 2 * (32 + 32) + 8), (False, 0),
+                                                                          (True, 2 * (32 + 16) + 8)]
+    assert sum(row["base_macs_per_token"] for row in group) == rank * (d_in + 32 + 16 + 16)  # 576
+    assert group[1]["base_macs_per_token"] == rank * (d_in + 16), "R d_in is counted by k, which stays unfolded"
+    # the export: q and v fold to [U_R | s B] [V_R ; A] x (+ f1), each computing its own V_R x; k stays a LowRankLayer
+    # computing R (d_in + d_k), not the dense d_in d_k it replaced (before issue 16: 512 instead of 288)
+    folded = fold_model(adapted)
+    deployed, base = model_macs(folded.model, folded.layers)
+    fold = {record.name.rsplit(".", 1)[-1]: record.macs_per_token for record in folded.layers
+            if record.name.startswith("model.layers.0.")}
+    assert fold == {"q_proj": (rank + r) * (d_in + 32) + 2 * r * r, "v_proj": (rank + r) * (d_in + 16) + 2 * r * r}
+    dense_qkv = d_in * (32 + 16 + 16)
+    assert base - deployed == 2 * (dense_qkv - (fold["q_proj"] + fold["v_proj"] + rank * (d_in + 16)))

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from export.fold import model_macs, unfolded_layers
 from surgery.config import ConfigError, parse_config
 from surgery.layers import weight_out_in
 from surgery.methods import METHODS
@@ -15,6 +16,8 @@ from surgery.methods.s_loda import (
     SLoDAPlusLayer,
     magnitude_mask,
 )
+from surgery.report import build_report
+from surgery.rewrite import apply_surgery
 from surgery.targets import resolve_targets
 from surgery.tolerances import layer_tolerance
 from tests.surgery.method_harness import (
@@ -170,3 +173,29 @@ def test_qkv_scope_on_llama_prunes_the_stack_with_one_threshold() -> None:
     assert torch.count_nonzero(pruned) == round(0.3 * stacked.numel())
     x = torch.randn(3, 32, dtype=torch.float64)
     torch.testing.assert_close(k(x), x @ k.pruned_weight.t(), atol=0, rtol=0)
+
+
+def test_qkv_plan_counts_each_layers_kept_entries() -> None:
+    """METHODS.md: S- costs keep d_in d_out MACs per token for the approximated layer; under approx_scope: qkv that
+    layer is the stack, and one threshold over it keeps a different share of each of q, k, v (before issue 16 the plan
+    gave each round(keep d_in d_out): 307, (k missing), 154 for 311, 155, 148 kept on this model)."""
+    model = tiny_model("llama", dtype=torch.float64)
+    adapted = apply_surgery(model, parse_config({
+        "model": {"name_or_path": "tiny"}, "targets": ["q_proj", "v_proj"],
+        "method": {"name": "s_loda", "r": 2, "keep": 0.3, "approx_scope": "qkv"},
+    }))
+    attention = model.model.layers[0].self_attn
+    members = [getattr(attention, p) for p in ("q_proj", "k_proj", "v_proj")]
+    kept = [int(torch.count_nonzero(m.pruned_weight)) for m in members]
+    assert kept != [round(0.3 * 32 * d_out) for d_out in (32, 16, 16)], "the shares differ from the nominal keep"
+    assert sum(kept) == round(0.3 * 32 * (32 + 16 + 16))
+    rows = [row for row in build_report(adapted)["modules"] if row["name"].startswith("model.layers.0.")]
+    assert [row["name"].rsplit(".", 1)[-1] for row in rows] == ["q_proj", "k_proj", "v_proj"]
+    assert [row["base_macs_per_token"] for row in rows] == kept
+    assert [row["adapter"] for row in rows] == [True, False, True]
+    # the export counts the unadapted k by what it kept, not as the dense 32 x 16 layer it replaced
+    records = unfolded_layers(adapted)
+    deployed, base = model_macs(model, records)
+    adapted_saving = sum(r.base_macs_per_token - r.macs_per_token for r in records)
+    k_kept = [int(torch.count_nonzero(layer.self_attn.k_proj.pruned_weight)) for layer in model.model.layers]
+    assert base - deployed == adapted_saving + sum(32 * 16 - n for n in k_kept)
