@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from surgery.methods import method_class
 from surgery.methods.base import AdapterLayer, ApproximatedLayer
 from surgery.rewrite import AdaptedModel
 
@@ -44,8 +45,9 @@ def build_report(adapted: AdaptedModel) -> dict[str, Any]:
     trained = {
         name: sum(p.numel() for p in module.parameters()) for name, module in adapted.trained_modules.items()
     }
+    method = adapted.config.method
     return {
-        "method": adapted.config.method.name,
+        "method": method.name,
         "trainable_params": sum(r["trainable_params"] for r in rows) + sum(trained.values()),
         "adapter_params": sum(r["trainable_params"] for r in rows),
         "trained_module_params": trained,
@@ -53,6 +55,7 @@ def build_report(adapted: AdaptedModel) -> dict[str, Any]:
         "base_macs_per_token": sum(r["base_macs_per_token"] for r in rows),
         "adapter_macs_per_token": sum(r["adapter_macs_per_token"] for r in rows),
         "modules": rows,
+        "schedule": method_class(method.name).schedule_note(method, adapted.config.train),
     }
 
 
@@ -87,7 +90,8 @@ def format_table(report: dict[str, Any]) -> str:
                 for line in lines]
     rendered.insert(1, "-" * len(rendered[0]))
     title = f"method {report['method']}: {report['trainable_params']:,} trainable of {report['base_params']:,} base parameters"
-    return "\n".join([title, *rendered])
+    schedule = [f"schedule: {report['schedule']}"] if report.get("schedule") else []
+    return "\n".join([title, *rendered, *schedule])
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

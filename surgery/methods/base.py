@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from surgery.layers import build_like, layer_bias, layer_dims, weight_out_in
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 
 class MethodConfig(BaseModel):
@@ -195,6 +198,11 @@ class AdapterLayer(nn.Module, ABC):
         act on groups (R-/S-LoDA with ``approx_scope: qkv``) override it, look up siblings in ``model``
         and may replace them too."""
         return {name: cls(layer, config, layer_name=name) for name, layer in targets.items()}
+
+    @classmethod
+    def schedule_note(cls, config: MethodConfig, train: TrainConfig | None) -> str | None:
+        """What :meth:`after_optimizer_step` will do over the run, in words, for the plan; None when nothing."""
+        return None
 
     def schedule_due(self, progress: TrainProgress) -> bool:
         """Whether :meth:`after_optimizer_step` has work after this step. The trainer calls the hook only then,

@@ -11,8 +11,10 @@ the frozen base in place (``W0[:, idx] += s B``, accumulated in float32 and roun
 
 Schedule: a chain of ``k = chain_length`` links has ``k - 1`` switches (the paper's proposition: d_in = k r
 columns are covered by k windows). A switch happens after optimizer step ``(j + 1) P`` for link j, where P is
-``chain_every`` steps, ``chain_every_epochs`` epochs, or by default ``max(1, floor(E / k))`` epochs (E = planned
-epochs); never after the last step, and never more than ``k - 1`` times.
+``chain_every`` steps, ``chain_every_epochs`` epochs, or by default (METHODS.md) ``floor(E / k)`` epochs, or, when
+the planned epochs E are fewer than k, ``floor(T / k)`` optimizer steps of the run's T, so that the chain has its k
+links (at least one step: a run of fewer than k steps gets one link per step); never after the last step, and
+never more than ``k - 1`` times. The plan prints the schedule (:meth:`C3LALayer.schedule_note`).
 
 The checkpoint keeps every finished link as ``link_idx`` (n, r) and ``link_delta`` (n, d_out, r), never a dense
 d_out x d_in copy. Loading into a model built from the untouched base and calling :meth:`on_checkpoint_loaded`
@@ -24,15 +26,27 @@ function always follows its state.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from surgery.layers import weight_out_in
-from surgery.methods.base import Fold, TrainProgress, require
+from surgery.methods.base import Fold, MethodConfig, TrainProgress, require
 from surgery.methods.cla import CLAConfig, CLALayer, column_update, gather_linear, layer_generator
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
+
+
+def default_switch_period(steps_per_epoch: int, total_steps: int, chain_length: int) -> int:
+    """Optimizer steps per link by default (METHODS.md): ``floor(E / k)`` epochs of the planned ``E = T /
+    steps_per_epoch``, or, when ``E < k``, ``floor(T / k)`` steps, so that the chain has its k links; at least 1."""
+    epochs = total_steps / steps_per_epoch
+    if epochs >= chain_length:
+        return math.floor(epochs / chain_length) * steps_per_epoch
+    return max(1, total_steps // chain_length)
 
 
 class C3LAConfig(CLAConfig):
@@ -44,7 +58,8 @@ class C3LAConfig(CLAConfig):
     chain_length: int = Field(4, ge=1, description="k: links in the chain (k - 1 switches over the run)")
     chain_every: int | None = Field(None, gt=0, description="switch links every this many optimizer steps")
     chain_every_epochs: int | None = Field(
-        None, gt=0, description="switch links every this many epochs; default floor(epochs / chain_length)"
+        None, gt=0, description="switch links every this many epochs; default floor(epochs / chain_length), or "
+        "floor(steps / chain_length) steps when epochs < chain_length"
     )
 
     @model_validator(mode="after")
@@ -130,8 +145,30 @@ class C3LALayer(CLALayer):
         cfg = self.config
         if cfg.chain_every is not None:
             return cfg.chain_every
-        epochs = cfg.chain_every_epochs or max(1, math.floor(progress.epochs / cfg.chain_length))
-        return epochs * progress.steps_per_epoch
+        if cfg.chain_every_epochs is not None:
+            return cfg.chain_every_epochs * progress.steps_per_epoch
+        return default_switch_period(progress.steps_per_epoch, progress.total_steps, cfg.chain_length)
+
+    @classmethod
+    def schedule_note(cls, config: MethodConfig, train: TrainConfig | None) -> str | None:
+        assert isinstance(config, C3LAConfig)
+        k = config.chain_length
+        if k == 1:
+            return "c3LA chain of 1 link: no switch (plain cLA)"
+        switches = f"{k - 1} switch" if k == 2 else f"{k - 1} switches"
+        head = f"c3LA chain of {k} links: {switches} (never after the last step), "
+        if config.chain_every is not None:
+            return head + f"every {config.chain_every} optimizer steps"
+        if config.chain_every_epochs is not None:
+            return head + f"every {config.chain_every_epochs} epoch(s)"
+        if train is not None and train.max_steps is None:
+            epochs = train.epochs
+            if epochs >= k:
+                return head + f"every floor(E / k) = {math.floor(epochs / k)} epoch(s) (E = {epochs:g})"
+            return head + (f"every floor(T / k) optimizer steps, T the run's steps (E = {epochs:g} epochs < k = {k}; "
+                           f"T is known once the data is read)")
+        steps = "" if train is None else f", T = {train.max_steps}: {max(1, train.max_steps // k)} steps"
+        return head + f"every floor(E / k) epochs, or floor(T / k) optimizer steps when E < k{steps}"
 
     def schedule_due(self, progress: TrainProgress) -> bool:
         return self.switch_due(progress)

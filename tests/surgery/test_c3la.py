@@ -8,7 +8,7 @@ from torch import nn
 from surgery.layers import weight_out_in
 from surgery.methods import METHODS
 from surgery.methods.base import TrainProgress
-from surgery.methods.c3la import C3LAConfig, C3LALayer
+from surgery.methods.c3la import C3LAConfig, C3LALayer, default_switch_period
 from tests.surgery.method_harness import (
     INPUT_SHAPES,
     assert_close,
@@ -16,6 +16,7 @@ from tests.surgery.method_harness import (
     check_all,
 )
 from tests.surgery.test_cla import selector
+from train.config import TrainConfig
 
 D_IN, D_OUT = 24, 20
 CONFIGS = [C3LAConfig(r=4, columns="first"), C3LAConfig(r=10, columns="first"), C3LAConfig(r=4, columns="random")]
@@ -155,10 +156,37 @@ def test_hook_switches_every_chain_every_epochs() -> None:
     assert switch_steps(C3LAConfig(r=4, chain_every_epochs=1, chain_length=3), 4, 40) == [4, 8]
 
 
-def test_hook_default_is_floor_epochs_over_k_epochs_at_least_one() -> None:
+def test_hook_default_is_floor_epochs_over_k_epochs() -> None:
     assert switch_steps(C3LAConfig(r=4, chain_length=4), 5, 50) == [10, 20, 30]  # E = 10: every floor(2.5) = 2
     assert switch_steps(C3LAConfig(r=4, chain_length=4), 5, 40) == [10, 20, 30]  # E = 8: every 2 epochs
-    assert switch_steps(C3LAConfig(r=4, chain_length=4), 5, 15) == [5, 10]  # E = 3 < k: every epoch
+    assert switch_steps(C3LAConfig(r=4, chain_length=4), 5, 20) == [5, 10, 15]  # E = k = 4: every epoch
+
+
+def test_hook_default_with_fewer_epochs_than_links_switches_every_floor_steps_over_k() -> None:
+    """METHODS.md, c3LA: "default floor(E/k) epochs, or, when E < k, every floor(T/k) optimizer steps of the run's T,
+    so that a chain always has its k links". Before issue 16 a run with E < k switched every epoch: E = 3, k = 4 gave
+    3 links, not 4; and E = 1 gave 1 link (no switch at all)."""
+    k = 4
+    for steps_per_epoch, total in ((5, 15), (10, 10), (7, 10), (100, 250)):  # E = 3, 1, 1.43, 2.5: all below k
+        period = total // k  # 3, 2, 2, 62
+        expected = [period, 2 * period, 3 * period]
+        assert switch_steps(C3LAConfig(r=4, chain_length=k), steps_per_epoch, total) == expected, (steps_per_epoch,
+                                                                                                    total)
+    assert default_switch_period(5, 15, 4) == 3 and default_switch_period(5, 40, 4) == 10
+    assert switch_steps(C3LAConfig(r=4, chain_length=4), 1, 3) == [1, 2], "T < k: one link per step, at least 1"
+
+
+def test_plan_prints_the_chain_schedule() -> None:
+    def note(train: dict | None, **method: object) -> str:
+        config = TrainConfig(data={"train": "a.jsonl"}, **train) if train else None
+        return C3LALayer.schedule_note(C3LAConfig(r=4, chain_length=4, **method), config)
+
+    assert note({"epochs": 10}).endswith("3 switches (never after the last step), every floor(E / k) = 2 epoch(s) "
+                                         "(E = 10)")
+    assert "every floor(T / k) optimizer steps, T the run's steps (E = 2 epochs < k = 4" in note({"epochs": 2})
+    assert note({"max_steps": 30}).endswith("or floor(T / k) optimizer steps when E < k, T = 30: 7 steps")
+    assert note(None, chain_every=5).endswith("every 5 optimizer steps")
+    assert note({"epochs": 1}, chain_every_epochs=2).endswith("every 2 epoch(s)")
 
 
 def test_config_errors() -> None:

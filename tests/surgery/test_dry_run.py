@@ -33,7 +33,9 @@ def test_dry_run_on_config_only_folder(method: str, tmp_path: Path, capsys: pyte
     cfg = write_cfg(tmp_path, config_only_folder(tmp_path), small_method(method))
     assert main([str(cfg), "--dry-run", "--report", str(tmp_path / "plan.json")]) == 0
     report = json.loads((tmp_path / "plan.json").read_text())
-    assert "total" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "total" in out
+    assert ("schedule: c3LA chain of 2 links: 1 switch (never after the last step), every 2 optimizer steps" in out) == (method == "c3la"), "the plan prints the schedule"
     assert len(report["modules"]) == 4
     cls = METHODS[method]
     config = cls.config_class(**small_method(method))

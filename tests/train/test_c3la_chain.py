@@ -73,3 +73,26 @@ def test_chain_switches_in_the_trainer(columns: str, llama_lm: Path, lm_data: di
     assert all(layer.n_links == 2 for layer in adapted.layers.values())
     logged = [r.getMessage() for r in caplog.records if "schedule hook fired" in r.getMessage()]
     assert [m.split(":")[0] for m in logged] == ["step 2", "step 4"]
+
+
+def test_default_chain_has_its_k_links_when_epochs_are_fewer(llama_lm: Path, lm_data: dict, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """METHODS.md, c3LA: with no period set and E < k, switch every floor(T / k) optimizer steps. One epoch of the 64
+    training rows at batch 8 is T = 8 steps; k = 3: every floor(8 / 3) = 2 steps, after steps 2 and 4 (before issue
+    16: every epoch, after step 8 = the last step, so never: one link instead of three)."""
+    method = {"name": "c3la", "r": 4, "chain_length": 3}
+    config = make_config(llama_lm, "causal-lm", method, lm_data, tmp_path / "run", epochs=1, eval_before_training=False)
+    adapted, tokenizer = build(config)
+    switches: list[tuple[int, int]] = []
+    real_step_adapters = train.trainer.step_adapters
+
+    def watched(layers, optimizer, progress):
+        fired = real_step_adapters(layers, optimizer, progress)
+        if fired:
+            switches.append((progress.step, progress.total_steps))
+        return fired
+
+    monkeypatch.setattr(train.trainer, "step_adapters", watched)
+    train_adapters(adapted, tokenizer, tmp_path / "run")
+    assert switches == [(2, 8), (4, 8)]
+    assert all(layer.n_links == 2 for layer in adapted.layers.values()), "k - 1 = 2 finished links + the current one"
