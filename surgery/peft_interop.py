@@ -282,15 +282,7 @@ def adapt(peft: PeftLoraConfig, layers: dict[str, Tensors], base: str, task: str
           out: Path, source: Path) -> AdaptedModel:
     """The base model with a LoRA layer where the adapter has tensors and ``modules_to_save`` trained."""
     first = surgery_config(peft, sorted(layers), base, task, num_labels, out, [])
-    try:
-        model = load_model(first.model)
-    except ModelLoadError:
-        raise
-    except RuntimeError as error:  # transformers: a saved head of another size than num_labels
-        labels = f" with {num_labels} labels" if num_labels else ""
-        raise PeftFormatError(f"cannot load the base model {base} as {task}{labels} ({one_line(error)}); if its saved "
-                              f"classification head has another number of labels than the adapter's, point --base "
-                              f"at the model without that head") from None
+    model = load_model(first.model)  # a saved head of another size than num_labels: a ModelLoadError naming it
     config = surgery_config(peft, sorted(layers), base, task, num_labels, out,
                             modules_to_train(model, peft.modules_to_save))
     try:

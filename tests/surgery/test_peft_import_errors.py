@@ -14,6 +14,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from surgery.checkpoint import save_checkpoint
+from surgery.model import ModelLoadError
 from surgery.peft_interop import OutFolderError, PeftFormatError, export_peft, import_peft, main
 from tests.fs import tree_digest
 from tests.tiny_models import save_tiny_model, tiny_model
@@ -268,15 +269,16 @@ def test_num_labels_is_for_seq_cls_only(peft_dir: Path, base: Path, tmp_path: Pa
 
 
 def test_base_with_a_head_of_other_size_is_named(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A 3-label adapter on a base saved with a 2-label head: transformers refuses the head; the error says so in
-    one line (load_model does not ignore mismatched head sizes)."""
+    """A 3-label adapter on a base saved with a 2-label head: transformers refuses the head; load_model's error says
+    so in one line (it does not ignore mismatched head sizes)."""
     model = tiny_model("bert")
     model.classifier = torch.nn.Linear(32, 3)
     model.config.num_labels = 3
     config = LoraConfig(r=4, target_modules=["query"], task_type=TaskType.SEQ_CLS)
     get_peft_model(model, config).save_pretrained(tmp_path / "peft")
     assert_refused(capsys, tmp_path / "peft", tmp_path / "ckpt", base,
-                   [f"cannot load the base model {base} as seq-cls with 3 labels", "point --base at the model"])
+                   [f"{str(base)!r} does not fit model.task seq-cls with num_labels 3",
+                    "point model.name_or_path at the model without that head"], error=ModelLoadError)
 
 
 def test_invalid_target_regex_is_named(peft_dir: Path, base: Path, tmp_path: Path,
