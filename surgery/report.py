@@ -46,17 +46,25 @@ def build_report(adapted: AdaptedModel) -> dict[str, Any]:
         name: sum(p.numel() for p in module.parameters()) for name, module in adapted.trained_modules.items()
     }
     method = adapted.config.method
+    trainable = sum(r["trainable_params"] for r in rows) + sum(trained.values())
     return {
         "method": method.name,
-        "trainable_params": sum(r["trainable_params"] for r in rows) + sum(trained.values()),
+        "trainable_params": trainable,
         "adapter_params": sum(r["trainable_params"] for r in rows),
         "trained_module_params": trained,
         "base_params": adapted.base_params,
+        "percent_of_model": percent_of_model(trainable, adapted.base_params, trainable),
         "base_macs_per_token": sum(r["base_macs_per_token"] for r in rows),
         "adapter_macs_per_token": sum(r["adapter_macs_per_token"] for r in rows),
         "modules": rows,
         "schedule": method_class(method.name).schedule_note(method, adapted.config.train),
     }
+
+
+def percent_of_model(params: int, base_params: int, trainable_params: int) -> float:
+    """``params`` as "% of the model" (METHODS.md): over every parameter of the pretrained model (embeddings and head
+    included) plus the run's trainable ones, ``base + trainable``; that is how the papers' percentages come out."""
+    return 100 * params / max(base_params + trainable_params, 1)
 
 
 def group_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -75,15 +83,17 @@ def group_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    base = max(report["base_params"], 1)
+    def percent(params: int) -> str:
+        return f"{percent_of_model(params, report['base_params'], report['trainable_params']):.4f}"
+
     header = ("group", "layers", "trainable", "% of model", "base MACs/tok", "adapter MACs/tok")
     lines = [header]
     for row in group_rows(report):
         lines.append((row["group"], str(row["layers"]), f"{row['trainable_params']:,}",
-                      f"{100 * row['trainable_params'] / base:.4f}", f"{row['base_macs_per_token']:,}",
+                      percent(row["trainable_params"]), f"{row['base_macs_per_token']:,}",
                       f"{row['adapter_macs_per_token']:,}"))
     lines.append(("total", str(len(report["modules"])), f"{report['trainable_params']:,}",
-                  f"{100 * report['trainable_params'] / base:.4f}", f"{report['base_macs_per_token']:,}",
+                  percent(report["trainable_params"]), f"{report['base_macs_per_token']:,}",
                   f"{report['adapter_macs_per_token']:,}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     rendered = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))

@@ -36,7 +36,7 @@ from surgery.methods.base import (
 )
 
 LEAKY_SLOPE = 0.8  # loda.txt section 3.1: "LeakyReLU with a fixed slope of 0.8"
-LN_EPS = 1e-5  # nn.LayerNorm's default; METHODS.md gives none
+LN_EPS = 1e-5  # METHODS.md: PyTorch's default (the paper gives none); the LayerNorms have no affine
 F2Kind = Literal["leaky", "ln_leaky"]
 ApproxScope = Literal["layer", "qkv"]
 

@@ -90,6 +90,27 @@ def test_large_config_plans_on_meta(tmp_path: Path) -> None:
     assert report["base_params"] > 6_000_000_000
 
 
+def test_percent_of_the_model_is_over_base_plus_trainable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """METHODS.md: "% of the model" is trainable / (base + trainable), base = every pretrained parameter (embeddings
+    and head included). LLaMA-7B shapes, LoRA r = 16 on q, v: 8,388,608 / (6,738,415,616 + 8,388,608) = 0.1243 %
+    (over base alone, as before issue 16: 0.1245 %)."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "llama-7b"
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000).save_pretrained(folder)
+    cfg = write_cfg(tmp_path, folder, {"name": "lora", "r": 16}, targets=("q_proj", "v_proj"))
+    assert main([str(cfg), "--dry-run", "--report", str(tmp_path / "p.json")]) == 0
+    report = json.loads((tmp_path / "p.json").read_text())
+    trainable, base = 32 * 2 * 16 * (4096 + 4096), report["base_params"]
+    embeddings_and_head = 2 * 32000 * 4096  # untied: embed_tokens and lm_head
+    per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention, MLP, two RMSNorms
+    assert base == embeddings_and_head + 32 * per_layer + 4096 == 6_738_415_616  # + the final norm
+    assert report["percent_of_model"] == pytest.approx(100 * trainable / (base + trainable))
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+    assert total.split()[3] == "0.1243"
+
+
 def test_layer_check_errors_come_before_any_weight(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = write_cfg(tmp_path, config_only_folder(tmp_path), {"name": "lora", "r": 64})
     assert main([str(cfg), "--dry-run"]) == 2

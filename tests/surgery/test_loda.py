@@ -131,3 +131,22 @@ def test_only_declared_params_train() -> None:
     assert set(layer.adapter_params()) == {"loda_A", "loda_M1", "loda_M2", "loda_B"}
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == set(layer.adapter_params())
     assert torch.count_nonzero(layer.loda_B) == 0 and torch.count_nonzero(layer.loda_M1) > 0
+
+
+@pytest.mark.parametrize("config", [LoDAConfig(r=4), LoDAPlusConfig(r=4, f2="ln_leaky")], ids=config_id)
+def test_layer_norms_have_no_affine_and_eps_1e_5(config: MethodConfig) -> None:
+    """METHODS.md, LoDA: LN over r with no trainable affine, epsilon 1e-5 (LoDA+'s ln_leaky: the same over d_out).
+    Inputs near 0 make the hidden activations' variance (~1e-8) far below eps, where the epsilon decides the output:
+    eps 1e-6 instead of 1e-5 would change it by a factor of about 3, an affine would add parameters."""
+    layer = METHODS[config.name](base_layers(24, 20)["linear"], config, layer_name="layer")
+    layer.randomize_(torch.Generator().manual_seed(0), std=0.3)
+    assert set(layer.adapter_params()) == {"loda_A", "loda_M1", "loda_M2", "loda_B"}
+    assert set(dict(layer.named_parameters())) == {"base.weight", "base.bias", *layer.adapter_params()}
+    x = 1e-4 * torch.randn(5, 24, dtype=torch.float64)
+    hidden = leaky_ref(x @ layer.loda_A.detach().t() @ layer.loda_M1.detach().t())
+    assert float(hidden.var(dim=-1, unbiased=False).max()) < 1e-6, "the case where eps decides"
+    F64 = layer_tolerance(torch.float64)
+    torch.testing.assert_close(layer.delta(x), loda_reference(layer, x), atol=F64.atol, rtol=F64.rtol)
+    folded = layer.fold().module
+    assert not [name for name, _ in folded.named_parameters() if "norm" in name or "ln" in name.split(".")]
+    torch.testing.assert_close(folded(x), layer(x), atol=F64.atol, rtol=F64.rtol)
