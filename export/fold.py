@@ -285,7 +285,7 @@ def unfolded_layers(model: AdaptedModel | nn.Module) -> list[LayerFold]:
     module = model.model if isinstance(model, AdaptedModel) else model
     records = []
     for name, layer in adapter_layers(module).items():
-        macs = type(layer).macs_per_token(layer.d_in, layer.d_out, layer.config)
+        macs = layer.layer_macs()  # as built: a qkv group shares V_R x, S-LoDA counts its kept entries
         records.append(LayerFold(
             name=name, method=layer.config.name, folded=False, residual=None, note="unfolded adapter",
             fold_error=None, macs_per_token=macs.base + macs.adapter, base_macs_per_token=layer.d_in * layer.d_out,
