@@ -227,7 +227,7 @@ def export_tolerance(dtype: str) -> Tolerance:
     values the fold starts from, so it differs from the export only by the export's own arithmetic, and the entry is
     the export dtype's: fp32 -> MODEL[float32] (kernels, the fold's float32 reassociation; greedy tokens must match),
     fp16 -> MODEL[float16] (weights rounded once to float16, float16 activations; at depth, within a factor of
-    PyTorch's own float16 error on the same inputs, which the reference records).
+    the error of the model stored in float16 on the same inputs, which the reference records).
     """
     wanted = EXPORT_DTYPES[dtype]
     if wanted not in MODEL:

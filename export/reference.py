@@ -13,8 +13,9 @@ A half-precision model computes its reference in float32 (:func:`float32_compute
 upcast exactly while it runs, one module at a time), the values the fold starts from, so the export differs from
 the reference only by its own arithmetic and the tolerance is the export dtype's alone.
 
-For a half-precision export the same inputs also run with PyTorch computing in that dtype (:func:`compute_in`,
-again one module at a time): the *floor*, how far that dtype's own arithmetic lands from float32 on this model.
+For a half-precision export the same inputs also run with the model stored in that dtype (:func:`half_storage`:
+weights and every module's outputs rounded to it, one module at a time): the *floor*, how far that dtype's own
+rounding lands from float32 on this model.
 Deep, wide models drift further in float16 than a fixed tolerance can know; surgery.tolerances' float16 entry
 accepts an export whose error stays within a factor of the floor (``export.verify.compare``).
 """
@@ -113,7 +114,7 @@ def record_reference(model: nn.Module, task: str, greedy: bool = True,
             cases.append(ParityCase(inputs, expected, token_mask, *step))
         tokens = greedy_case(model) if greedy and task == CAUSAL_LM else None
     if floor_dtype is not None:
-        with compute_in(model, floor_dtype):
+        with half_storage(model, floor_dtype):
             cases = [with_floor(model, case, task) for case in cases]
     return Reference(task, model.config, cases, tokens)
 
@@ -186,30 +187,58 @@ def float32_compute(model: nn.Module) -> contextlib.AbstractContextManager[None]
     forward and restored right after; its outputs are then float32 and so is everything downstream. A float32 model
     runs as it is. Everything is restored on exit, also after an error.
     """
-    return cast_while_running(model, torch.float32, half_tensors)
+    return cast_while_running(model, lambda t: t.float(), half_tensors)
 
 
-def compute_in(model: nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager[None]:
-    """Run ``model`` as it computes when its base is stored in ``dtype``: every floating parameter but the adapters',
-    and the buffers derived from the base (R-/S-LoDA's approximations), cast to ``dtype`` while their module runs (one
-    module's copy at a time). Adapters keep their own dtype (float32 on a half base: surgery's design), and so do
-    other buffers (rotary frequencies: the model's own code decides their precision). Restored on exit."""
+@contextmanager
+def half_storage(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Run ``model`` as it computes stored in ``dtype`` (a half dtype), at float32 speed: every base weight (all
+    parameters but the adapters', and the buffers derived from the base: R-/S-LoDA's approximations) rounded to
+    ``dtype`` while its module runs, and every module's floating outputs rounded to ``dtype``; the arithmetic in
+    between is float32, as onnxruntime's CPU provider computes a float16 MatMul and GPUs accumulate. Adapters keep
+    float32 (surgery's design for half bases) until their layer's output is rounded. PyTorch's own float16 kernels
+    would give the same kind of error but take minutes per forward of a 7B model on a CPU. Restored on exit."""
     adapters = {id(p) for layer in adapter_layers(model).values() for p in layer.adapter_params().values()}
     derived = {id(t) for module in model.modules() if hasattr(module, "derived_tensors")
                for t in module.derived_tensors().values()}
 
-    def base_tensors(module: nn.Module) -> list[torch.Tensor]:
+    def stored(module: nn.Module) -> list[torch.Tensor]:
         params = [p for p in module._parameters.values() if p is not None and id(p) not in adapters]
         buffers = [b for b in module._buffers.values() if b is not None and id(b) in derived]
-        return [t for t in params + buffers if t.is_floating_point() and t.dtype != dtype]
-    return cast_while_running(model, dtype, base_tensors)
+        return [t for t in params + buffers if t.is_floating_point()]
+
+    def other_half(module: nn.Module) -> list[torch.Tensor]:  # e.g. a half model's other buffers: upcast exactly
+        chosen = {id(t) for t in stored(module)}
+        return [t for t in half_tensors(module) if id(t) not in chosen]
+
+    def rounded(_module: nn.Module, _args: Any, output: Any) -> Any:
+        return round_outputs(output, dtype)
+
+    hooks = [module.register_forward_hook(rounded) for module in model.modules()]
+    try:
+        with cast_while_running(model, lambda t: t.to(dtype).float(), stored), \
+                cast_while_running(model, lambda t: t.float(), other_half):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def round_outputs(output: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in ``output`` (a tensor, or a plain tuple or list of them) rounded to ``dtype`` and back."""
+    if isinstance(output, torch.Tensor):
+        return output.to(dtype).to(output.dtype) if output.is_floating_point() else output
+    if type(output) in (tuple, list):
+        return type(output)(round_outputs(item, dtype) for item in output)
+    return output
 
 
 @contextmanager
-def cast_while_running(model: nn.Module, dtype: torch.dtype,
+def cast_while_running(model: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor],
                        select: Callable[[nn.Module], list[torch.Tensor]]) -> Iterator[None]:
-    """Each module's ``select``-ed own tensors cast to ``dtype`` right before its forward, restored right after. An
-    adapter layer holds its whole subtree's (it may read its base's weight and bias without running the base)."""
+    """Each module's ``select``-ed own tensors replaced by ``convert(tensor)`` right before its forward, restored
+    right after. An adapter layer holds its whole subtree's (it may read its base's weight and bias without running
+    the base)."""
     owners = cast_owners(model, select)
     if not owners:
         yield
@@ -220,7 +249,7 @@ def cast_while_running(model: nn.Module, dtype: torch.dtype,
         for tensor in tensors:
             if id(tensor) not in saved:
                 saved[id(tensor)] = (tensor, tensor.data)
-                tensor.data = tensor.data.to(dtype)
+                tensor.data = convert(tensor.data)
 
     def restore(tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:

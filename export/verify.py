@@ -42,7 +42,7 @@ class Difference:
     max_abs_diff: float
     max_rel_diff: float
     within: bool
-    floor_abs_diff: float | None = None  # PyTorch's own max |diff| in the export's half dtype, when recorded
+    floor_abs_diff: float | None = None  # the model stored in the export's half dtype: its max |diff|
 
 
 @dataclass
@@ -93,7 +93,7 @@ def rule(tolerance: Tolerance, actual: str, expected: str) -> str:
     """The parity rule in words, for reports."""
     text = f"|{actual} - {expected}| <= atol + rtol |{expected}| elementwise"
     if tolerance.floor_factor is not None:
-        text += (f", or max |diff| <= {tolerance.floor_factor:g} x PyTorch's own max |diff| computing in the export's "
+        text += (f", or max |diff| <= {tolerance.floor_factor:g} x the max |diff| of the model stored in the export's "
                  f"half dtype (where recorded)")
     return text
 

@@ -33,7 +33,7 @@ def test_the_float16_floor_passes_an_error_within_twice_pytorchs_own_and_no_more
     expected = outputs()
     expected[0, 0, 0] = 0.0
     assert FP16.floor_factor == 2.0
-    floor = expected + 0.04 * np.sign(expected)  # PyTorch's own float16 run: max |diff| 0.04
+    floor = expected + 0.04 * np.sign(expected)  # the model stored in float16: max |diff| 0.04
     drift = np.zeros_like(expected)
     drift[0, 0, 0] = 0.079  # beyond the elementwise bound (atol 0.05 where |expected| is 0), within 2 x 0.04
     inside = compare("inside", expected + drift, expected, FP16, floor=floor)
