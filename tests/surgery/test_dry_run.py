@@ -77,7 +77,8 @@ def test_real_run_on_config_only_folder_says_dry_run_only(tmp_path: Path, capsys
     assert "holds no weights" in capsys.readouterr().err
 
 
-def test_large_config_plans_on_meta(tmp_path: Path) -> None:
+def plan_llama_7b_lora(tmp_path: Path) -> dict:
+    """The dry-run report of LoRA r=16 on q, v of a config-only LLaMA-7B-shape folder."""
     from transformers import LlamaConfig
 
     folder = tmp_path / "llama-7b"
@@ -85,7 +86,11 @@ def test_large_config_plans_on_meta(tmp_path: Path) -> None:
                 vocab_size=32000).save_pretrained(folder)
     cfg = write_cfg(tmp_path, folder, {"name": "lora", "r": 16}, targets=("q_proj", "v_proj"))
     assert main([str(cfg), "--dry-run", "--report", str(tmp_path / "p.json")]) == 0
-    report = json.loads((tmp_path / "p.json").read_text())
+    return json.loads((tmp_path / "p.json").read_text())
+
+
+def test_large_config_plans_on_meta(tmp_path: Path) -> None:
+    report = plan_llama_7b_lora(tmp_path)
     assert report["trainable_params"] == 32 * 2 * 16 * (4096 + 4096)
     assert report["base_params"] > 6_000_000_000
 
@@ -94,14 +99,7 @@ def test_percent_of_the_model_is_over_base_plus_trainable(tmp_path: Path, capsys
     """METHODS.md: "% of the model" is trainable / (base + trainable), base = every pretrained parameter (embeddings
     and head included). LLaMA-7B shapes, LoRA r = 16 on q, v: 8,388,608 / (6,738,415,616 + 8,388,608) = 0.1243 %
     (over base alone, as before issue 16: 0.1245 %)."""
-    from transformers import LlamaConfig
-
-    folder = tmp_path / "llama-7b"
-    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                vocab_size=32000).save_pretrained(folder)
-    cfg = write_cfg(tmp_path, folder, {"name": "lora", "r": 16}, targets=("q_proj", "v_proj"))
-    assert main([str(cfg), "--dry-run", "--report", str(tmp_path / "p.json")]) == 0
-    report = json.loads((tmp_path / "p.json").read_text())
+    report = plan_llama_7b_lora(tmp_path)
     trainable, base = 32 * 2 * 16 * (4096 + 4096), report["base_params"]
     embeddings_and_head = 2 * 32000 * 4096  # untied: embed_tokens and lm_head
     per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention, MLP, two RMSNorms
