@@ -65,6 +65,7 @@ from benchmarks.common import (
     rss_bytes,
     write_results,
 )
+from export.report import REPORT_JSON
 
 REPO = Path(__file__).resolve().parent.parent
 RSS_LIMIT = 1.3  # issue 10: export peak RSS / the exported weights' bytes
@@ -311,6 +312,21 @@ def optimum_export(python: Path, folder: Path) -> StepRun:
 
 def export_files(folder: Path) -> dict[str, int]:
     return {path.name: path.stat().st_size for path in sorted((folder / "onnx").glob("model.onnx*"))}
+
+
+def export_checks(folder: Path) -> str:
+    """The export's own verdict from its report: parity per case (with the float16 floor) and greedy decoding."""
+    report = json.loads((folder / "onnx" / REPORT_JSON).read_text())
+    parity = report["parity"]
+    cases = "; ".join(f"{c['case']}: max |diff| {c['max_abs_diff']:.3g}"
+                      + ("" if c.get("floor_abs_diff") is None else f" (stored-in-float16 model: {c['floor_abs_diff']:.3g})")
+                      for c in parity["cases"])
+    greedy = parity.get("greedy") or {}
+    decoding = ("n/a" if not greedy else "identical" if greedy["match"] else
+                f"identical up to {len(greedy['divergences'])} near-tie(s)" if greedy["passed"] else "MISMATCH")
+    return (f"export checks ({'passed' if report['passed'] else 'FAILED'}): parity at atol "
+            f"{parity['tolerance']['atol']:g} / rtol {parity['tolerance']['rtol']:g}: {cases}; greedy "
+            f"{greedy.get('tokens', 0)} tokens x {greedy.get('prompts', 0)} prompts: {decoding}")
 
 
 # ---- profile (a child running export_checkpoint in-process) -----------------------------------------
@@ -595,7 +611,7 @@ def timeline_plot(path: Path, profile: dict[str, Any], size: int, title: str) ->
 
 
 def notes_of(shape: str, plan: dict[str, Any], files: dict[str, int], export_row: dict[str, Any],
-             setting: Setting) -> list[str]:
+             setting: Setting, checks: str = "") -> list[str]:
     method, targets = METHODS[setting.method]
     notes = [
         f"model: random {shape} ({SHAPES[shape]['num_hidden_layers']} layers, hidden {SHAPES[shape]['hidden_size']},"
@@ -614,6 +630,7 @@ def notes_of(shape: str, plan: dict[str, Any], files: dict[str, int], export_row
         "export step: " + ("with latency (the base model exported the same streaming way into a temporary folder, "
                            "then the two sessions timed one after the other, never both loaded)" if setting.latency
                            else "--no-latency (export, parity and greedy checks)"),
+        checks or "export checks: not recorded",
         "export files: " + ", ".join(f"{name} {size / MIB:,.0f} MiB" for name, size in files.items()),
         f"export: {export_row['wall_s']:.0f} s wall, {export_row['cpu_s']:.0f} s CPU (CPU well below wall x cores "
         "means the child waited: a busy machine, disk)",
@@ -630,7 +647,7 @@ def results_name(shape: str, setting: Setting) -> str:
 
 def report(shape: str, machine: dict[str, Any], rows: list[dict[str, Any]], plan: dict[str, Any],
            files: dict[str, int], profile: dict[str, Any] | None, out_dir: Path, quick: bool,
-           setting: Setting) -> bool:
+           setting: Setting, checks: str = "") -> bool:
     """Write scale*.* (and *_profile.* with a profile); returns whether the export met its target."""
     params, size = model_bytes(shape, setting)
     name = results_name(shape, setting)
@@ -643,7 +660,7 @@ def report(shape: str, machine: dict[str, Any], rows: list[dict[str, Any]], plan
                 "quick": quick}
     write_results(name, f"Surgery, fold and export at scale ({shape}, {setting.dtype}, {setting.method}): wall time "
                   f"and peak RSS", machine, settings, rows, COLUMNS, targets,
-                  notes_of(shape, plan, files, export_row, setting), results_dir=out_dir)
+                  notes_of(shape, plan, files, export_row, setting, checks), results_dir=out_dir)
     print((out_dir / f"{name}.md").read_text(), flush=True)
     measured = [r for r in rows if r["model"] == shape]
     bar_plot(out_dir / f"{name}.png", f"{shape} ({params / 1e9:.2f}B params, {setting.dtype}, --dtype "
@@ -733,13 +750,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += step_rows(REFERENCE, reference_runs, fixed, ref_size, ref_params, setting)
         plan = plan_check(folder / args.shape)
         files = export_files(folder / args.shape)
+        checks = export_checks(folder / args.shape)
         shutil.rmtree(folder / args.shape / "onnx")  # room on disk for the profile's export
         missed = rows[2]["rss_over_model"] > RSS_LIMIT
         profile = None
         if args.profile or (args.profile is None and (missed or args.quick)):
             print(f"  {args.shape}: profiling the export's memory (a fourth child)", flush=True)
             profile, _ = run_profile(folder / args.shape, setting)
-    met = report(args.shape, machine, rows, plan, files, profile, args.out_dir, args.quick, setting)
+    met = report(args.shape, machine, rows, plan, files, profile, args.out_dir, args.quick, setting, checks)
     print(f"export peak RSS / exported weights' bytes: {rows[2]['rss_over_model']:.2f} (target <= {RSS_LIMIT:g}): "
           f"{'met' if met else 'MISSED'}", flush=True)
     return 0
