@@ -227,7 +227,7 @@ def load_checkpoint(folder: str | Path, model_path: str | None = None) -> Adapte
     model = load_model(config.model)
     check_rope_config(model.config, config.model.name_or_path)
     try:
-        adapted = apply_surgery(model, config)
+        adapted = apply_surgery(model, config, trusted_base=manifest.get("base_tensors"))
     except BaseModelError as error:  # NaN or infinite base tensors, named
         raise CheckpointError(f"{folder}: {error}") from None
     except ValueError as error:  # targets that match nothing, a layer the method cannot adapt

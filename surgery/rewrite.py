@@ -71,10 +71,13 @@ def target_fingerprint(layers: dict[str, nn.Module]) -> str:
     return digest.hexdigest()
 
 
-def apply_surgery(model: nn.Module, config: SurgeryConfig) -> AdaptedModel:
+def apply_surgery(model: nn.Module, config: SurgeryConfig, trusted_base: dict[str, str] | None = None
+                  ) -> AdaptedModel:
     """Wrap every target layer with the configured method, freeze the rest, and return the adapted model.
 
-    The model's outputs are unchanged at initialisation (every method starts with delta = 0).
+    The model's outputs are unchanged at initialisation (every method starts with delta = 0). Every base tensor is
+    digested and checked for NaN/inf first (``trusted_base``: a checkpoint's saved digests, whose tensors were
+    checked when it was saved and are not checked again).
     """
     if adapter_layers(model):
         raise ValueError("this model already holds adapter layers; load a fresh base model before surgery")
@@ -83,7 +86,7 @@ def apply_surgery(model: nn.Module, config: SurgeryConfig) -> AdaptedModel:
     cls = method_class(config.method.name)
     for name, layer in targets.items():
         cls.check_layer(*layer_dims(layer), config.method, name)
-    base = base_digest(model, skip=initialised_at_load(model) | saved_tensor_names(model, config))
+    base = base_digest(model, skip=initialised_at_load(model) | saved_tensor_names(model, config), trusted=trusted_base)
     if base.non_finite:
         raise BaseModelError(non_finite_error(base.non_finite, f"model.name_or_path: {config.model.name_or_path}",
                                               "the base model's files are damaged; load another copy of them"))

@@ -64,3 +64,13 @@ def test_a_weightless_model_has_the_meta_fingerprint() -> None:
     with torch.device("meta"):
         model = nn.Linear(4, 4)
     assert base_digest(model) == BaseDigest(META)
+
+
+def test_trusted_digests_skip_the_finiteness_check_only_for_identical_tensors() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    digest = base_digest(model)
+    assert base_digest(model, trusted=digest.tensors).non_finite == [], "an identical tensor is not checked again"
+    other = {**digest.tensors, "1.bias": "0" * 64}
+    assert base_digest(model, trusted=other).non_finite == ["1.bias"], "a tensor that differs is checked"
