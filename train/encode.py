@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
 
-from train.data import Rows, as_label
+from train.data import DataError, Rows, as_label
 
 IGNORE = -100
 CHUNK = 1024  # rows per tokenizer call
@@ -25,18 +25,35 @@ log = logging.getLogger("train")
 Example = dict[str, Any]
 
 
-def encode_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int) -> list[Example]:
-    """Token ids and labels for every row, truncated to ``max_length`` tokens."""
+def encode_rows(rows: Rows, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int,
+                key: str = "train.data.train") -> list[Example]:
+    """Token ids and labels for every row, truncated to ``max_length`` tokens. Causal-lm rows left without a
+    target token are dropped with a warning, or refused when none is left (``key`` names the data in messages)."""
     encode_chunk = _seq_cls_chunk if task == "seq-cls" else _causal_lm_chunk
     examples: list[Example] = []
     for start in range(0, len(rows), CHUNK):
         examples += encode_chunk(rows.records[start:start + CHUNK], tokenizer, max_length)
     if task == "causal-lm":
-        empty = sum(1 for e in examples if all(label == IGNORE for label in e["labels"][1:]))
-        if empty:
-            log.warning("%s: %d of %d rows keep no target token after truncation to max_length=%d; raise "
-                        "train.data.max_length or shorten the prompts", rows.source, empty, len(rows), max_length)
+        examples = _with_targets(examples, rows, max_length, key)
     return examples
+
+
+def _with_targets(examples: list[Example], rows: Rows, max_length: int, key: str) -> list[Example]:
+    """The examples that keep a target token. One whose prompt fills ``max_length`` has none: trained on, it adds
+    nothing to the loss (a split of only such rows trains at loss 0 and reports perplexity 1.0)."""
+    # the loss pairs logits at t with labels at t + 1: the first label is never a target
+    empty = [i for i, e in enumerate(examples) if all(label == IGNORE for label in e["labels"][1:])]
+    if not empty:
+        return examples
+    where = ", ".join(rows.locations[i] for i in empty[:3]) + (", ..." if len(empty) > 3 else "")
+    problem = (f"{key}: {len(empty)} of {len(rows)} row(s) of {rows.source} keep no target token after truncation "
+               f"to max_length={max_length}, their prompt filling it ({where})")
+    remedy = "raise train.data.max_length or shorten the prompts"
+    if len(empty) == len(examples):
+        raise DataError(f"{problem}; nothing is left to learn from: {remedy}")
+    log.warning("%s; they are left out: %s", problem, remedy)
+    dropped = set(empty)
+    return [e for i, e in enumerate(examples) if i not in dropped]
 
 
 def _seq_cls_chunk(records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Example]:

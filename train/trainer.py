@@ -222,8 +222,9 @@ def build_loaders(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase,
     if pad_id is None:
         raise DataError("the tokenizer has neither a pad nor an eos token; set one in the model folder's tokenizer")
     collate = Collator(pad_id)
-    train = encode_rows(train_rows, tokenizer, model_config.task, config.data.max_length)
-    held_out = encode_rows(eval_rows, tokenizer, model_config.task, config.data.max_length)
+    train = encode_rows(train_rows, tokenizer, model_config.task, config.data.max_length, "train.data.train")
+    held_out = encode_rows(eval_rows, tokenizer, model_config.task, config.data.max_length,
+                           "train.data.eval" if config.data.eval is not None else "train.data.train")
     info("data: %d training and %d evaluation examples", len(train), len(held_out))
     # The loaders get their own generators: the global RNG (dropout) then advances identically with or
     # without a resume in the middle of an epoch.
