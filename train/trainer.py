@@ -15,6 +15,7 @@ RNG, optimizer and schedule, so N steps straight and N/2 + resume + N/2 give the
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from surgery.checkpoint import CheckpointError, save_checkpoint, saved_modules
+from surgery.checkpoint import CheckpointError, read_manifest, save_checkpoint, saved_modules
 from surgery.methods import AdapterLayer
 from surgery.rewrite import AdaptedModel
 from train.config import TrainConfig
@@ -42,7 +43,7 @@ from train.encode import Collator, EpochShuffle, encode_rows
 from train.evaluate import evaluate
 from train.loss import example_losses, target_count
 from train.optim import build_optimizer, build_scheduler
-from train.report import format_history, write_metrics
+from train.report import METRICS_FILE, format_history, write_metrics
 from train.schedule import Plan, step_adapters
 from train.sharding import shard_optimizer_state, whole_optimizer_state, whole_parameters
 from train.state import (
@@ -91,6 +92,8 @@ class Run:
     loss_steps: int = 0
     saved_step: int | None = None  # the step of the newest checkpoint (every process)
     last_saved: Path | None = None  # its folder (main process)
+    runtime_before: float = 0.0  # seconds trained before a resume
+    started: float = field(default_factory=time.perf_counter)
     layers: dict[str, AdapterLayer] = field(init=False)  # looked up once, not per step
 
     def __post_init__(self) -> None:
@@ -108,6 +111,11 @@ class Run:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def runtime(self) -> float:
+        """Seconds of training, the interrupted part of a resumed run included."""
+        return self.runtime_before + time.perf_counter() - self.started
+
 
 # ---- entry point -------------------------------------------------------------------------------------------
 def train_adapters(
@@ -123,10 +131,15 @@ def train_adapters(
     check_supported(accelerator)
     set_seed(config.seed)
     run = build_run(adapted, tokenizer, config, accelerator, Path(output_dir), resume)
-    started = time.perf_counter()
     try:
+        done = finished_results(run) if resume else None
+        if done is not None:
+            info("--resume: the run in %s finished at step %d; nothing to do, its checkpoints and metrics.json are "
+                 "left as they are (to train longer, resume with --override train.max_steps=N or train.epochs=N)",
+                 run.output_dir, run.step)
+            return done
         train_loop(run)
-        return finish(run, time.perf_counter() - started)
+        return finish(run)
     finally:
         drop_autocast_wrapper(adapted.model)
 
@@ -264,12 +277,29 @@ def restore_progress(run: Run, state: dict[str, Any]) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     run.step, run.saved_step, run.history = state["step"], state["step"], list(state["history"])
     run.loss_sum, run.loss_steps = state["loss_sum"], state["loss_steps"]
+    run.runtime_before = state.get("train_runtime_s", 0.0)  # absent in checkpoints written before it was saved
     set_rng_state(state["rng"])
+
+
+def finished_results(run: Run) -> dict[str, float] | None:
+    """The final metrics of a run that already finished at its last checkpoint's step (its final checkpoint and
+    metrics.json written); None when something is left to do."""
+    if run.step < run.plan.total_steps:
+        return None
+    try:
+        manifest = read_manifest(run.output_dir)
+        metrics = json.loads((run.output_dir / METRICS_FILE).read_text())
+    except (CheckpointError, OSError, ValueError):  # not written yet, or damaged: finish() writes them again
+        return None
+    training = manifest.get("training")
+    if not isinstance(training, dict) or training.get("steps") != run.step or not isinstance(metrics, dict):
+        return None
+    return {key: value for key, value in metrics.items() if key != "history"}
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
 def train_loop(run: Run) -> None:
-    if run.step == 0 and run.config.eval_before_training:
+    if evaluation_pending(run):
         record_evaluation(run)
     run.model.train()
     bar = tqdm(total=run.plan.total_steps, initial=run.step, desc="train", unit="step",
@@ -284,6 +314,16 @@ def train_loop(run: Run) -> None:
                 break
         end_of_epoch(run)
     bar.close()
+
+
+def evaluation_pending(run: Run) -> bool:
+    """At the start of the loop: the baseline before the first step, or, after a resume, the evaluation that the
+    interrupted run had due at its checkpoint's step (a checkpoint every ``save_every`` steps is written before
+    the evaluation at the end of the same step's epoch, so a run killed in between has not recorded it)."""
+    if run.step == 0:
+        return run.config.eval_before_training
+    recorded = bool(run.history) and run.history[-1]["step"] == run.step
+    return run.plan.epoch_ends(run.step) and not recorded
 
 
 def epoch_batches(run: Run) -> Iterable[dict[str, torch.Tensor]]:
@@ -392,6 +432,7 @@ def trainer_state(run: Run) -> dict[str, Any]:
         "history": run.history,
         "loss_sum": run.loss_sum,
         "loss_steps": run.loss_steps,
+        "train_runtime_s": run.runtime,
     }
 
 
@@ -421,12 +462,13 @@ def drop_autocast_wrapper(model: torch.nn.Module) -> None:
         model.forward = original
 
 
-def finish(run: Run, seconds: float) -> dict[str, float]:
+def finish(run: Run) -> dict[str, float]:
     """Save the last step checkpoint and the final adapter checkpoint, write metrics.json, print the summary."""
     if run.saved_step != run.step:
         save(run)
     final = {k: v for k, v in run.history[-1].items() if k not in ("epoch", "step") and v is not None}
-    metrics = {**final, "steps": run.step, "epochs": round(run.plan.epochs, 4), "train_runtime_s": round(seconds, 2)}
+    metrics = {**final, "steps": run.step, "epochs": round(run.plan.epochs, 4),
+               "train_runtime_s": round(run.runtime, 2)}
     if run.history[0]["step"] == 0:
         metrics.update({f"initial_{k}": v for k, v in run.history[0].items() if k.startswith("eval_")})
     with whole_parameters(saved_parts(run.adapted)):
