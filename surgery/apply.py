@@ -17,8 +17,8 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from surgery.checkpoint import CheckpointError, save_checkpoint
-from surgery.config import ConfigError, SurgeryConfig, load_config
-from surgery.model import ModelLoadError, load_model, load_tokenizer
+from surgery.config import ConfigError, SurgeryConfig, check_max_length, check_output_dir, load_config
+from surgery.model import ModelLoadError, load_hf_config, load_model, load_tokenizer
 from surgery.report import build_report, format_table, write_report
 from surgery.rewrite import AdaptedModel, apply_surgery
 from surgery.targets import TargetError
@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, help="write the plan as JSON to this file")
     parser.add_argument("--output-dir", type=Path, help="override output_dir from the config")
     parser.add_argument("--resume", action="store_true", help="continue training from output_dir's last checkpoint")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --resume: change train.lr, train.max_steps, train.epochs or train.max_grad_norm "
+                             "of the resumed run (repeatable)")
     return parser.parse_args(argv)
 
 
@@ -44,9 +47,40 @@ def plan(config: SurgeryConfig, dry_run: bool) -> AdaptedModel:
     return apply_surgery(model, config)
 
 
+def check_files(config: SurgeryConfig, dry_run: bool) -> None:
+    """What the config names on disk, before any weight is read: output_dir can be made, the data files exist (a
+    dry run reads none) and train.data.max_length fits the positions in the model's config.json."""
+    check_output_dir(config.output_dir)
+    if config.train is None:
+        return
+    if not dry_run:
+        from train.data import check_paths
+
+        check_paths(config.train.data)
+    check_max_length(config, load_hf_config(config.model))
+
+
+def resume_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """``--override KEY=VALUE`` as ``{key: value}``; only with --resume (a new run sets its keys in the config)."""
+    if not args.override:
+        return {}
+    if not args.resume:
+        raise ConfigError(f"--override {args.override[0]}: --override changes a resumed run and needs --resume; "
+                          f"for a new run set the key in the config")
+    from train.resume import parse_overrides
+
+    return parse_overrides(args.override)
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = {"output_dir": str(args.output_dir)} if args.output_dir else None
     config = load_config(args.config, overrides=overrides)
+    overridden = resume_overrides(args)
+    if overridden:
+        from train.resume import apply_overrides
+
+        config = apply_overrides(config, overridden)
+    check_files(config, dry_run=args.dry_run)
     if config.train is not None and not args.dry_run:
         from train.trainer import check_launch_environment
 
@@ -64,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if config.train is not None:
         from train.trainer import train_adapters
 
-        metrics = train_adapters(adapted, load_tokenizer(config.model), config.output_dir, resume=args.resume)
+        metrics = train_adapters(adapted, load_tokenizer(config.model), config.output_dir, resume=args.resume,
+                                 overridden=tuple(overridden))
         print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     else:
         save_checkpoint(adapted, config.output_dir)

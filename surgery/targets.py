@@ -42,6 +42,8 @@ def resolve_targets(
     Raises :class:`TargetError` listing the closest module names when nothing matches, and when a name
     matches a layer that is neither ``nn.Linear`` nor ``Conv1D``.
     """
+    _check_regex(targets, "targets")
+    _check_regex(exclude, "exclude")
     exclude = list(exclude) if not isinstance(exclude, str) else exclude
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -56,6 +58,14 @@ def resolve_targets(
     if not found:
         raise TargetError(_no_match_message(model, targets, exclude))
     return found
+
+
+def _check_regex(spec: list[str] | str, key: str) -> None:
+    if isinstance(spec, str) and spec != ALL_LINEAR:
+        try:
+            re.compile(spec)
+        except re.error as error:
+            raise TargetError(f"{key}: {spec!r} is not a valid regular expression ({error})") from None
 
 
 def _no_match_message(model: nn.Module, targets: list[str] | str, exclude: list[str] | str) -> str:

@@ -3,7 +3,8 @@
 Rows by task:
 
 - ``causal-lm``: ``text`` (every token is a target), or ``prompt`` + ``completion`` (only the completion is);
-- ``seq-cls``: ``text``, optional ``text_pair``, and an integer ``label`` in ``0 .. num_labels - 1``.
+- ``seq-cls``: ``text``, optional ``text_pair``, and an integer ``label`` in ``0 .. num_labels - 1`` (a JSON number,
+  not a string: ``"label": "1"`` is refused; in CSV/TSV, where every cell is text, the digits).
 
 Everything is checked before training starts; a problem raises :class:`DataError` naming the file, the row and
 what to do.
@@ -12,6 +13,7 @@ what to do.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,17 +35,22 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Rows:
-    """The records of one data file, with where each came from (``line 7`` of a JSONL, ``row 7`` of a table)."""
+    """The records of one data file, with where each came from (``line 7`` of a JSONL, ``row 7`` of a table).
+
+    ``text_cells``: every value is a string (CSV/TSV), so a label is written as digits; elsewhere it must be a
+    number."""
 
     source: str
     records: list[dict[str, Any]]
     locations: list[str]
+    text_cells: bool = False
 
     def where(self, index: int) -> str:
         return f"{self.source} {self.locations[index]}"
 
     def subset(self, indices: list[int], source: str | None = None) -> Rows:
-        return Rows(source or self.source, [self.records[i] for i in indices], [self.locations[i] for i in indices])
+        return Rows(source or self.source, [self.records[i] for i in indices], [self.locations[i] for i in indices],
+                    self.text_cells)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -53,13 +60,10 @@ class Rows:
 def read_rows(path: Path, key: str, split: str = "train") -> Rows:
     """Every record of ``path``; ``key`` is the config key that named it (for messages), ``split`` the split to
     take from a saved ``DatasetDict``."""
-    if not path.exists():
-        raise DataError(f"{key}: {path} does not exist; fix the path (relative paths start at the working directory)")
+    check_path(path, key)
     if path.is_dir():
         return _read_saved_dataset(path, key, split)
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"{key}: {path} has suffix {suffix!r}; use one of {', '.join(SUFFIXES)} or a datasets folder")
     if suffix == ".parquet":
         return _read_parquet(path)
     if suffix in (".csv", ".tsv"):
@@ -67,8 +71,35 @@ def read_rows(path: Path, key: str, split: str = "train") -> Rows:
     return _read_json(path)
 
 
+def check_path(path: Path, key: str) -> None:
+    """Refuse, without reading it, a data path that does not exist or whose suffix no reader takes."""
+    if not path.exists():
+        raise DataError(f"{key}: {path} does not exist; fix the path (relative paths start at the working directory)")
+    suffix = path.suffix.lower()
+    if not path.is_dir() and suffix not in SUFFIXES:
+        raise DataError(f"{key}: {path} has suffix {suffix!r}; use one of {', '.join(SUFFIXES)} or a datasets folder")
+
+
+def check_paths(data: DataConfig) -> None:
+    """:func:`check_path` for the train and eval files of ``train.data`` (before any model is loaded)."""
+    check_path(data.train, "train.data.train")
+    if data.eval is not None:
+        check_path(data.eval, "train.data.eval")
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; :class:`DataError` names the first byte that is not, with its offset and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text: byte offset {error.start} is 0x{data[error.start]:02x}; "
+                        f"save the file as UTF-8") from None
+
+
 def _read_json(path: Path) -> Rows:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -97,10 +128,10 @@ def _checked_records(path: Path, records: Any, locations: list[str]) -> Rows:
 
 
 def _read_csv(path: Path, delimiter: str) -> Rows:
-    with open(path, newline="", encoding="utf-8") as handle:
-        records = [dict(row) for row in csv.DictReader(handle, delimiter=delimiter)]
+    text = io.StringIO(_read_text(path), newline="")
+    records = [dict(row) for row in csv.DictReader(text, delimiter=delimiter)]
     # row i of the table is line i + 2 of the file (the header is line 1)
-    return Rows(str(path), records, [f"row {i + 1}" for i in range(len(records))])
+    return Rows(str(path), records, [f"row {i + 1}" for i in range(len(records))], text_cells=True)
 
 
 def _read_parquet(path: Path) -> Rows:
@@ -132,21 +163,21 @@ def check_rows(rows: Rows, key: str, task: str, num_labels: int) -> None:
     if not rows.records:
         raise DataError(f"{key}: {rows.source} holds no rows; point it at a file with data")
     check = _seq_cls_problem if task == "seq-cls" else _causal_lm_problem
-    problems = [f"{rows.where(i)}: {p}" for i, p in _problems(rows, check, num_labels)]
+    problems = [f"{rows.where(i)}: {p}" for i, p in _problems(rows, check, num_labels, rows.text_cells)]
     if problems:
         shown = problems[:MAX_PROBLEMS]
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
         raise DataError(f"{key}: {len(problems)} unusable row(s) for task {task}:\n  " + "\n  ".join(shown) + more)
 
 
-def _problems(rows: Rows, check: Any, num_labels: int) -> Iterator[tuple[int, str]]:
+def _problems(rows: Rows, check: Any, num_labels: int, text_cells: bool) -> Iterator[tuple[int, str]]:
     for index, record in enumerate(rows.records):
-        problem = check(record, num_labels)
+        problem = check(record, num_labels, text_cells)
         if problem:
             yield index, problem
 
 
-def _seq_cls_problem(record: dict[str, Any], num_labels: int) -> str | None:
+def _seq_cls_problem(record: dict[str, Any], num_labels: int, text_cells: bool) -> str | None:
     for field in ("text", "label"):
         if record.get(field) is None:
             return f"missing field {field!r} (has {sorted(record)}); seq-cls rows need text, label (+ text_pair)"
@@ -154,6 +185,9 @@ def _seq_cls_problem(record: dict[str, Any], num_labels: int) -> str | None:
         return f"text must be a string, got {type(record['text']).__name__}"
     if record.get("text_pair") is not None and not isinstance(record["text_pair"], str):
         return f"text_pair must be a string, got {type(record['text_pair']).__name__}"
+    if isinstance(record["label"], str) and not text_cells:
+        return (f"label must be an integer class index, got {record['label']!r}, a string; write the number "
+                f"without quotes")
     label = as_label(record["label"])
     if label is None:
         return f"label must be an integer class index, got {record['label']!r}"
@@ -163,7 +197,7 @@ def _seq_cls_problem(record: dict[str, Any], num_labels: int) -> str | None:
     return None
 
 
-def _causal_lm_problem(record: dict[str, Any], num_labels: int) -> str | None:
+def _causal_lm_problem(record: dict[str, Any], num_labels: int, text_cells: bool) -> str | None:
     if record.get("prompt") is not None or record.get("completion") is not None:
         fields = ("prompt", "completion")
     elif record.get("text") is not None:

@@ -22,6 +22,10 @@ def with_(**changes):
         (with_(method={"name": "lora", "r": 4, "d_b": 8}), "method.d_b: unknown key"),
         (with_(method={"name": "lora", "r": "four"}), "method.r: Input should be a valid integer"),
         (with_(method={"name": "lora", "r": 0}), "method.r: Input should be greater than 0"),
+        (with_(method={"name": "lora", "r": True}), "method.r: Input should be a valid integer (got True, a boolean)"),
+        (with_(model={"name_or_path": "x", "trust_remote_code": "true"}),
+         "model.trust_remote_code: Input should be a valid boolean (got 'true', a string)"),
+        (with_(targets="(query"), "targets: Value error, '(query' is not a valid regular expression"),
         (with_(method={"name": "prodaa"}), "method"),
         (with_(modle={}), "modle: unknown key (did you mean 'model'?)"),
         (with_(model={"name_or_path": "x", "taks": "seq-cls"}), "model.taks: unknown key (did you mean 'task'?)"),
@@ -90,3 +94,14 @@ def test_warmup_survives_dump_and_reload(warmup: dict, steps_of_10k: int) -> Non
     reloaded = parse_config(yaml.safe_load(dump_config(config)))
     assert reloaded.model_dump() == config.model_dump()
     assert reloaded.train.warmup_for(10_000) == steps_of_10k
+
+
+def test_dump_quotes_strings_a_yaml_reader_would_take_for_another_type(tmp_path: Path) -> None:
+    """``1e5`` is a number to ConfigLoader (YAML 1.2) but a string to PyYAML's safe_load (YAML 1.1); ``yes`` the
+    other way round. dump_config quotes both, so a checkpoint's surgery.yaml reads back the same with either."""
+    config = parse_config(with_(model={"name_or_path": "1e5", "task": "seq-cls"}, targets="0x1f",
+                                exclude=["yes", "no"]))
+    saved = tmp_path / "surgery.yaml"
+    saved.write_text(dump_config(config))
+    assert load_config(saved).model_dump() == config.model_dump()
+    assert parse_config(yaml.safe_load(saved.read_text())).model_dump() == config.model_dump()
