@@ -105,3 +105,15 @@ def test_dump_quotes_strings_a_yaml_reader_would_take_for_another_type(tmp_path:
     saved.write_text(dump_config(config))
     assert load_config(saved).model_dump() == config.model_dump()
     assert parse_config(yaml.safe_load(saved.read_text())).model_dump() == config.model_dump()
+
+
+def test_yaml_1_2_scalars(tmp_path: Path) -> None:
+    """ConfigLoader reads YAML 1.2's core schema: 1e-3 is a number, yes/no/on and 2:4 stay strings (YAML 1.1 would
+    give booleans and the base-60 number 124), 0777 is decimal, dates stay strings."""
+    from surgery.config import read_yaml
+
+    path = tmp_path / "scalars.yaml"
+    path.write_text("lr: 1e-3\nyes: yes\nno: no\non: on\npattern: 2:4\nmode: 0777\nday: 2024-01-01\nbig: 1_000\n"
+                    "flag: true\nnothing: null\n")
+    assert read_yaml(path) == {"lr": 1e-3, "yes": "yes", "no": "no", "on": "on", "pattern": "2:4", "mode": 777,
+                               "day": "2024-01-01", "big": 1000, "flag": True, "nothing": None}
