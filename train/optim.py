@@ -50,6 +50,17 @@ def build_scheduler(optimizer: Optimizer, config: TrainConfig, total_steps: int)
     return get_linear_schedule_with_warmup(optimizer, config.warmup_for(total_steps), total_steps)
 
 
+def set_peak_lr(optimizer: Optimizer, scheduler: LambdaLR, lr: float) -> None:
+    """Make ``lr`` the peak rate of a restored optimizer and schedule (a resume with ``--override train.lr``):
+    each group runs at ``lr`` times its ``lr_scale`` times the schedule's factor at the current step. With the
+    saved ``lr`` it recomputes the rates the restored state already holds."""
+    scheduler.base_lrs = [lr * group["lr_scale"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
 @torch.no_grad()
 def reset_optimizer_state(optimizer: Optimizer, params: Iterable[nn.Parameter]) -> int:
     """Make AdamW treat ``params`` as freshly added: moments to zero and the per-parameter ``step`` to 0, so the

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from surgery.checkpoint import CheckpointError, read_manifest, save_checkpoint, saved_modules
+from surgery.checkpoint import CheckpointError, read_config, read_manifest, save_checkpoint, saved_modules
 from surgery.methods import AdapterLayer
 from surgery.rewrite import AdaptedModel
 from train.config import TrainConfig
@@ -42,8 +42,9 @@ from train.data import DataError, load_splits
 from train.encode import Collator, EpochShuffle, encode_rows
 from train.evaluate import evaluate
 from train.loss import example_losses, target_count
-from train.optim import build_optimizer, build_scheduler
+from train.optim import build_optimizer, build_scheduler, set_peak_lr
 from train.report import METRICS_FILE, format_history, write_metrics
+from train.resume import ResumeError, check_resumable, data_digests
 from train.schedule import Plan, step_adapters
 from train.sharding import shard_optimizer_state, whole_optimizer_state, whole_parameters
 from train.state import (
@@ -93,6 +94,7 @@ class Run:
     saved_step: int | None = None  # the step of the newest checkpoint (every process)
     last_saved: Path | None = None  # its folder (main process)
     runtime_before: float = 0.0  # seconds trained before a resume
+    data_digests: dict[str, str | None] = field(default_factory=dict)  # SHA-256 of the data, checked on resume
     started: float = field(default_factory=time.perf_counter)
     layers: dict[str, AdapterLayer] = field(init=False)  # looked up once, not per step
 
@@ -118,11 +120,14 @@ class Run:
 
 
 # ---- entry point -------------------------------------------------------------------------------------------
-def train_adapters(
-    adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path, resume: bool = False
-) -> dict[str, float]:
+def train_adapters(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path,
+                   resume: bool = False, overridden: Collection[str] = ()) -> dict[str, float]:
     """Train the adapters as ``adapted.config.train`` says, save the final checkpoint into ``output_dir`` and
-    return the final metrics (``eval_loss``, and ``eval_accuracy`` or ``eval_perplexity``, ...)."""
+    return the final metrics (``eval_loss``, and ``eval_accuracy`` or ``eval_perplexity``, ...).
+
+    ``resume`` continues the run whose checkpoints are in ``output_dir``; the config must be the run's in all that
+    decides the result, except the keys in ``overridden`` (``--override``, :data:`train.resume.OVERRIDABLE`).
+    """
     config = adapted.config.train
     if config is None:
         raise ValueError("the config has no `train:` section; add one to train (see README: Config keys)")
@@ -130,7 +135,7 @@ def train_adapters(
     accelerator = make_accelerator(config)
     check_supported(accelerator)
     set_seed(config.seed)
-    run = build_run(adapted, tokenizer, config, accelerator, Path(output_dir), resume)
+    run = build_run(adapted, tokenizer, config, accelerator, Path(output_dir), resume, overridden)
     try:
         done = finished_results(run) if resume else None
         if done is not None:
@@ -197,10 +202,11 @@ def check_supported(accelerator: Accelerator) -> None:
 
 # ---- set-up ------------------------------------------------------------------------------------------------
 def build_run(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig,
-              accelerator: Accelerator, output_dir: Path, resume: bool) -> Run:
+              accelerator: Accelerator, output_dir: Path, resume: bool, overridden: Collection[str] = ()) -> Run:
     train_loader, eval_loader = build_loaders(adapted, tokenizer, config)
+    digests = data_digests(config.data)
     align_pad_token(adapted, tokenizer)
-    state = resume_state(adapted, output_dir / CHECKPOINTS) if resume else None
+    folder, state = resume_state(adapted, output_dir / CHECKPOINTS, digests, overridden) if resume else (None, None)
     if accelerator.is_main_process:
         (remove_leftovers if resume else clear)(output_dir / CHECKPOINTS)
     accelerator.wait_for_everyone()
@@ -209,21 +215,25 @@ def build_run(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase, config:
     plan = Plan.from_config(config, len(train_loader))
     scheduler = build_scheduler(adamw, config, plan.total_steps)
     run = Run(adapted, config, accelerator, model, optimizer, adamw, scheduler, train_loader, eval_loader, plan,
-              output_dir)
+              output_dir, data_digests=digests)
     if state is not None:
         restore_progress(run, state)
+        run.last_saved = folder
     return run
 
 
-def resume_state(adapted: AdaptedModel, checkpoints: Path) -> dict[str, Any]:
-    """Load the newest intact step checkpoint's adapters into ``adapted``; return its trainer state."""
+def resume_state(adapted: AdaptedModel, checkpoints: Path, digests: dict[str, str | None],
+                 overridden: Collection[str]) -> tuple[Path, dict[str, Any]]:
+    """Check that this config continues the run of the newest intact step checkpoint, load its adapters into
+    ``adapted`` and return that checkpoint's folder and trainer state."""
     folder = latest_checkpoint(checkpoints)
     if folder is None:
         raise CheckpointError(f"--resume: no intact checkpoint under {checkpoints}; run without --resume to start")
-    restore_adapters(adapted, folder)
     state = load_trainer_state(folder)
+    check_resumable(read_config(folder, None), adapted.config, state.get("data"), digests, overridden, folder)
+    restore_adapters(adapted, folder)
     info("resuming from %s (step %d)", folder, state["step"])
-    return state
+    return folder, state
 
 
 def build_loaders(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase,
@@ -266,15 +276,20 @@ def restore_progress(run: Run, state: dict[str, Any]) -> None:
             f"{plan.steps_per_epoch}; the data, batch_size, grad_accum or process count changed. Restore them or "
             f"start a new run"
         )
+    if plan.total_steps < state["step"]:
+        length = "train.max_steps" if run.config.max_steps is not None else "train.epochs"
+        raise ResumeError(f"--resume: the run in {checkpoints} already reached step {state['step']}, this config ends "
+                          f"at step {plan.total_steps}; give {length} a length beyond step {state['step']}")
     if state["total_steps"] != plan.total_steps:
-        log.warning("--resume: total steps changed from %d to %d; the learning-rate schedule follows the new length",
-                    state["total_steps"], plan.total_steps)
+        info("--resume: %d steps instead of %d; the learning-rate schedule follows the new length",
+             plan.total_steps, state["total_steps"])
     try:
         run.adamw.load_state_dict(shard_optimizer_state(state["optimizer"], run.adamw))
     except ValueError as error:
         raise CheckpointError(f"--resume: the optimizer state in {checkpoints} does not fit this run ({error}); "
                               f"did weight_decay or LoRA+ settings change? Restore them or start a new run") from None
     run.scheduler.load_state_dict(state["scheduler"])
+    set_peak_lr(run.adamw, run.scheduler, run.config.lr)  # the saved state holds the run's lr: --override's wins
     run.step, run.saved_step, run.history = state["step"], state["step"], list(state["history"])
     run.loss_sum, run.loss_steps = state["loss_sum"], state["loss_steps"]
     run.runtime_before = state.get("train_runtime_s", 0.0)  # absent in checkpoints written before it was saved
@@ -373,10 +388,21 @@ def trained_parameters(run: Run) -> list[torch.nn.Parameter]:
 
 
 def non_finite(run: Run, value: float) -> NonFiniteLossError:
-    kept = f"the last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint was saved yet"
+    """The error of a NaN or infinite loss, with advice that works when followed: a resume applies a lower lr or
+    a clipping norm given with --override (the data cannot change in a resumed run)."""
+    config = run.config
+    lower_lr = f"--override train.lr={config.lr / 10:g}"
+    clip = f"--override train.max_grad_norm={config.max_grad_norm / 10 if config.max_grad_norm else 1.0:g}"
+    if run.last_saved is None:
+        return NonFiniteLossError(
+            f"step {run.step + 1}: the training loss is {value}; training stopped before the update and no checkpoint "
+            f"was saved yet. Lower train.lr (now {config.lr:g}), set train.max_grad_norm (now "
+            f"{config.max_grad_norm}) or check the data, then start again"
+        )
     return NonFiniteLossError(
-        f"step {run.step + 1}: the training loss is {value}; training stopped before the update and {kept}. Lower "
-        f"train.lr, set train.max_grad_norm or check the data, then continue with --resume"
+        f"step {run.step + 1}: the training loss is {value}; training stopped before the update and the last good "
+        f"checkpoint is {run.last_saved}. Continue from it with a lower learning rate (--resume {lower_lr}; it is "
+        f"{config.lr:g}) or clipping ({clip}; it is {config.max_grad_norm}), or check the data and start a new run"
     )
 
 
@@ -433,6 +459,7 @@ def trainer_state(run: Run) -> dict[str, Any]:
         "loss_sum": run.loss_sum,
         "loss_steps": run.loss_steps,
         "train_runtime_s": run.runtime,
+        "data": run.data_digests,
     }
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +16,14 @@ import pytest
 import torch
 
 import train.trainer
+from surgery.apply import main as apply_main
 from surgery.checkpoint import load_checkpoint
+from surgery.config import dump_config
 from tests.train.helpers import build, make_config, task_files, tiny_base, write_jsonl
 from train.data import DataError
 from train.report import METRICS_FILE
-from train.trainer import train_adapters
+from train.resume import ResumeError, apply_overrides, parse_overrides
+from train.trainer import NonFiniteLossError, train_adapters
 
 LORA = {"name": "lora", "r": 4}
 
@@ -171,3 +177,142 @@ def test_resuming_a_finished_run_changes_nothing(llama_lm: Path, lm_data: dict, 
     assert "finished at step 8; nothing to do" in caplog.text
     assert file_hashes(out) == before, "metrics.json and every checkpoint file unchanged byte for byte"
     assert metrics == {key: value for key, value in saved.items() if key != "history"}
+
+
+# ---- 3. a resume continues the same run: changes are refused by name, or applied with --override -----------
+@pytest.fixture(scope="module")
+def finished_run(llama_lm: Path, lm_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    _straight(llama_lm, lm_data, out)
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"lr": 1e-3}, "train.lr: 0.01 in the run, 0.001 in this config; apply it on purpose with "
+                       "--override train.lr=0.001"),
+        ({"seed": 1}, "train.seed: 0 in the run, 1 in this config"),
+        ({"warmup_steps": 2}, "train.warmup_steps: None in the run, 2 in this config"),
+        ({"method": {"name": "lora", "r": 8}}, "method.r: 4 in the run, 8 in this config"),
+        ({"targets": ["q_proj", "v_proj"]}, "targets: 'all-linear' in the run, ['q_proj', 'v_proj'] in this config"),
+    ],
+)
+def test_a_resume_that_changes_the_result_is_refused_naming_the_key(change: dict, named: str, finished_run: Path,
+                                                                    llama_lm: Path, lm_data: dict, tmp_path: Path):
+    out = _copy(finished_run, tmp_path)
+    before = file_hashes(out)
+    method, targets = change.pop("method", LORA), change.pop("targets", "all-linear")
+    config = make_config(llama_lm, "causal-lm", method, lm_data, out, targets=targets,
+                         **{"max_steps": 8, "save_every": 4, "eval_before_training": False, **change})
+    adapted, tokenizer = build(config)
+    with pytest.raises(ResumeError) as caught:
+        train_adapters(adapted, tokenizer, out, resume=True)
+    assert named in str(caught.value) and "step-8 in what decides the result" in str(caught.value)
+    assert "start a new run (--overwrite, or another output_dir)" in str(caught.value)
+    assert file_hashes(out) == before
+
+
+def test_a_resume_on_changed_data_is_refused_and_on_moved_data_accepted(llama_lm: Path, lm_data: dict,
+                                                                        tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture):
+    train_file = tmp_path / "train.jsonl"
+    shutil.copy(lm_data["train"], train_file)
+    data = {"train": str(train_file), "eval": lm_data["eval"]}
+    out = tmp_path / "run"
+    _straight(llama_lm, data, out, max_steps=4)
+    before = file_hashes(out)
+    with train_file.open("a") as handle:
+        handle.write('{"text": "w1 w2 w3"}\n')  # one more row: same path, other content
+
+    adapted, tokenizer = build(_resume_config(llama_lm, data, out, max_steps=4))
+    with pytest.raises(ResumeError, match=r"train.data.train: the content of .*train.jsonl differs from the data "
+                                          r"the run was trained on \(SHA-256 [0-9a-f]{12}\.\.\. then"):
+        train_adapters(adapted, tokenizer, out, resume=True)
+    assert file_hashes(out) == before
+
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(lm_data["train"], moved)  # the original content under another name
+    adapted, tokenizer = build(_resume_config(llama_lm, {**data, "train": str(moved)}, out, max_steps=4))
+    with caplog.at_level(logging.INFO, logger="train"):
+        train_adapters(adapted, tokenizer, out, resume=True)
+    assert "train.data.train moved from" in caplog.text and "(same content)" in caplog.text
+
+
+def test_the_nan_advice_works_when_followed(llama_lm: Path, lm_data: dict, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    out = tmp_path / "run"
+    config = make_config(llama_lm, "causal-lm", LORA, lm_data, out, max_steps=6, save_every=1, log_every=1,
+                         eval_before_training=False)
+    adapted, tokenizer = build(config)
+    real_losses = train.trainer.example_losses
+    calls = {"n": 0}
+
+    def nan_on_step_3(model, batch, task, label_smoothing=0.0):
+        calls["n"] += 1
+        losses = real_losses(model, batch, task, label_smoothing)
+        if calls["n"] == 3:
+            losses.loss = losses.loss * math.nan
+        return losses
+
+    monkeypatch.setattr(train.trainer, "example_losses", nan_on_step_3)
+    with pytest.raises(NonFiniteLossError) as caught:
+        train_adapters(adapted, tokenizer, out)
+    monkeypatch.undo()
+    advice = re.search(r"--resume --override (\S+?);", str(caught.value))
+    assert advice, str(caught.value)
+    assert advice.group(1) == "train.lr=0.001"
+
+    overrides = parse_overrides([advice.group(1)])
+    resumed, _ = build(apply_overrides(config, overrides), seed=1)
+    with caplog.at_level(logging.INFO, logger="train"):
+        metrics = train_adapters(resumed, tokenizer, out, resume=True, overridden=tuple(overrides))
+    assert metrics["steps"] == 6
+    assert "train.lr: 0.01 -> 0.001 (applied, --override)" in caplog.text
+    # linear decay over 6 steps, logged after each step: 0.001 x (6 - 3) / 6 at step 3 (0.005 had the lr been kept)
+    assert re.search(r"step 3/6 .* lr 0\.0005$", caplog.text, re.MULTILINE), caplog.text
+    state = torch.load(out / "checkpoints" / "step-6" / "trainer_state.pt", weights_only=True)
+    assert state["scheduler"]["base_lrs"] == [1e-3] and state["optimizer"]["param_groups"][0]["initial_lr"] == 1e-3
+
+
+def test_override_max_steps_trains_a_finished_run_further(finished_run: Path, llama_lm: Path, lm_data: dict,
+                                                          tmp_path: Path):
+    out = _copy(finished_run, tmp_path)
+    config = _resume_config(llama_lm, lm_data, out)
+    shorter = apply_overrides(config, parse_overrides(["train.max_steps=6"]))
+    adapted, tokenizer = build(shorter)
+    with pytest.raises(ResumeError, match=r"already reached step 8, this config ends at step 6; give train.max_steps"):
+        train_adapters(adapted, tokenizer, out, resume=True, overridden=("train.max_steps",))
+
+    longer = apply_overrides(config, parse_overrides(["train.max_steps=12"]))
+    adapted, tokenizer = build(longer)
+    assert train_adapters(adapted, tokenizer, out, resume=True, overridden=("train.max_steps",))["steps"] == 12
+    assert [row["step"] for row in json.loads((out / METRICS_FILE).read_text())["history"]] == [4, 8, 12]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--override", "train.lr=1e-3"], "--override train.lr=1e-3: --override changes a resumed run and needs "
+                                          "--resume"),
+        (["--resume", "--override", "train.seed=3"], "'train.seed' cannot be changed on resume; --override takes "
+                                                     "train.max_steps, train.epochs, train.lr, train.max_grad_norm"),
+        (["--resume", "--override", "train.lr"], "--override train.lr: expected KEY=VALUE"),
+        (["--resume", "--override", "train.lr=-1"], "train.lr"),
+        (["--resume", "--override", "train.epochs=3"], "train.max_steps=8 is set and decides the length"),
+    ],
+)
+def test_bad_overrides_are_usage_errors(argv: list, message: str, llama_lm: Path, lm_data: dict, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture):
+    config = _resume_config(llama_lm, lm_data, tmp_path / "run")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_config(config))
+    assert apply_main([str(path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -76,5 +76,6 @@ def test_resume_with_another_batch_size_is_refused(llama_lm: Path, lm_data: dict
     train_adapters(adapted, tokenizer, tmp_path / "run")
     other = make_config(llama_lm, "causal-lm", METHODS["lora"], lm_data, tmp_path / "run", max_steps=6, batch_size=4)
     adapted, _ = build(other)
-    with pytest.raises(CheckpointError, match="steps per epoch"):
+    with pytest.raises(CheckpointError, match=r"train.batch_size: 8 in the run, 4 in this config\n  "
+                                              r"train.grad_accum: 2 in the run, 1 in this config\nRestore"):
         train_adapters(adapted, tokenizer, tmp_path / "run", resume=True)
