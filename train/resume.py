@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from surgery.checkpoint import CheckpointError, file_hash
-from surgery.config import ConfigError, SurgeryConfig, dump_config, parse_config
+from surgery.config import ConfigError, ConfigLoader, SurgeryConfig, dump_config, parse_config
 from train.config import DataConfig
 
 OVERRIDABLE = {
@@ -49,8 +49,19 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if key not in OVERRIDABLE:
             raise ConfigError(f"--override {item}: {key!r} cannot be changed on resume; --override takes "
                               f"{', '.join(OVERRIDABLE)} (anything else that changes the result needs a new run)")
-        overrides[key] = yaml.safe_load(text)
+        overrides[key] = yaml_value(text.strip(), f"--override {item}")
     return overrides
+
+
+def yaml_value(text: str, name: str) -> Any:
+    """``text`` read as the config's YAML reads it (YAML 1.2 scalars: ``1e-4`` is a number)."""
+    loader = ConfigLoader(text, name)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{name}: not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
 
 
 def apply_overrides(config: SurgeryConfig, overrides: dict[str, Any]) -> SurgeryConfig:
@@ -62,7 +73,7 @@ def apply_overrides(config: SurgeryConfig, overrides: dict[str, Any]) -> Surgery
     if "train.epochs" in overrides and "train.max_steps" not in overrides and config.train.max_steps is not None:
         raise ConfigError(f"--override train.epochs: train.max_steps={config.train.max_steps} is set and decides the "
                           f"length; override train.max_steps instead")
-    raw = yaml.safe_load(dump_config(config))
+    raw = yaml_value(dump_config(config), "--override")
     for key, value in overrides.items():
         section, name = key.split(".")
         raw[section][name] = value

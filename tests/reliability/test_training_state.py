@@ -316,3 +316,8 @@ def test_bad_overrides_are_usage_errors(argv: list, message: str, llama_lm: Path
     assert apply_main([str(path), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_override_values_read_as_the_config_reads_them():
+    assert parse_overrides(["train.lr=1e-4", "train.max_grad_norm=null", "train.max_steps=12"]) == {
+        "train.lr": 1e-4, "train.max_grad_norm": None, "train.max_steps": 12}
