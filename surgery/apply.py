@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="with --resume: change train.lr, train.max_steps, train.epochs or train.max_grad_norm "
                              "of the resumed run (repeatable)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train from scratch into an output_dir holding an earlier run's checkpoints (removes them)")
     return parser.parse_args(argv)
 
 
@@ -82,9 +84,11 @@ def run(args: argparse.Namespace) -> int:
         config = apply_overrides(config, overridden)
     check_files(config, dry_run=args.dry_run)
     if config.train is not None and not args.dry_run:
+        from train.state import check_start
         from train.trainer import check_launch_environment
 
         check_launch_environment()  # an unsupported accelerate set-up fails before the model loads
+        check_start(config.output_dir, args.resume, args.overwrite)  # an earlier run's checkpoints, likewise
     set_seed(config.train.seed if config.train else 0)  # adapter and head initialisation repeat run to run
     adapted = plan(config, dry_run=args.dry_run)
     report = build_report(adapted)
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         from train.trainer import train_adapters
 
         metrics = train_adapters(adapted, load_tokenizer(config.model), config.output_dir, resume=args.resume,
-                                 overridden=tuple(overridden))
+                                 overridden=tuple(overridden), overwrite=args.overwrite)
         print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     else:
         save_checkpoint(adapted, config.output_dir)

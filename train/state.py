@@ -22,6 +22,9 @@ import numpy as np
 import torch
 
 from surgery.checkpoint import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    MANIFEST_FILE,
     CheckpointError,
     check_base,
     check_derived,
@@ -32,11 +35,19 @@ from surgery.checkpoint import (
     save_checkpoint,
 )
 from surgery.rewrite import AdaptedModel
+from train.report import METRICS_FILE
 
 STATE_FILE = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step-N
+RUN_FILES = (ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE, METRICS_FILE)  # a run's final files in output_dir
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
 TMP_GLOB = ".step-*.tmp"
 log = logging.getLogger("train")
+
+
+class ExistingRunError(CheckpointError):
+    """A new run pointed at an ``output_dir`` holding an earlier run's checkpoints (neither --resume nor
+    --overwrite given)."""
 
 
 # ---- RNG ---------------------------------------------------------------------------------------------------
@@ -113,15 +124,39 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(folder)
 
 
-def clear(root: Path) -> None:
-    """Remove every step folder and leftover temporary folder (a fresh run in an old output_dir)."""
-    old = step_folders(root)
-    if old:
-        log.warning("starting fresh: removing %d checkpoint(s) of an earlier run from %s (use --resume to continue "
-                    "it instead)", len(old), root)
-    for _, folder in old:
-        shutil.rmtree(folder)
-    remove_leftovers(root)
+def earlier_run(output_dir: Path) -> list[Path]:
+    """What a training run left in ``output_dir``: its step checkpoints and its final files."""
+    steps = [folder for _, folder in step_folders(output_dir / CHECKPOINTS)]
+    return steps + [output_dir / name for name in RUN_FILES if (output_dir / name).is_file()]
+
+
+def check_start(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A new run refuses an ``output_dir`` that holds an earlier run's checkpoints, unless ``overwrite``; a resume
+    continues them (read-only: nothing is removed here)."""
+    if resume and overwrite:
+        raise ExistingRunError("--resume continues the run in output_dir and --overwrite replaces it; give one of them")
+    found = [] if resume else earlier_run(output_dir)
+    if found and not overwrite:
+        shown = ", ".join(str(path.relative_to(output_dir)) for path in found[:5]) + (", ..." if len(found) > 5 else "")
+        raise ExistingRunError(
+            f"output_dir {output_dir} holds an earlier run's checkpoints ({shown}); continue that run with --resume, "
+            f"replace it with --overwrite (which removes only these files), or choose another output_dir"
+        )
+
+
+def remove_earlier_run(output_dir: Path) -> None:
+    """A new run with ``--overwrite``: delete the earlier run's step checkpoints and final files (nothing else in
+    ``output_dir``), and the temporary folders of a killed save."""
+    found = earlier_run(output_dir)
+    if found:
+        log.warning("--overwrite: removing the earlier run's %s from %s",
+                    ", ".join(str(path.relative_to(output_dir)) for path in found), output_dir)
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    remove_leftovers(output_dir / CHECKPOINTS)
 
 
 def remove_leftovers(root: Path) -> None:

@@ -48,9 +48,11 @@ from train.resume import ResumeError, check_resumable, data_digests
 from train.schedule import Plan, step_adapters
 from train.sharding import shard_optimizer_state, whole_optimizer_state, whole_parameters
 from train.state import (
-    clear,
+    CHECKPOINTS,
+    check_start,
     latest_checkpoint,
     load_trainer_state,
+    remove_earlier_run,
     remove_leftovers,
     restore_adapters,
     rng_state,
@@ -58,7 +60,6 @@ from train.state import (
     set_rng_state,
 )
 
-CHECKPOINTS = "checkpoints"
 log = logging.getLogger("train")
 
 
@@ -121,16 +122,18 @@ class Run:
 
 # ---- entry point -------------------------------------------------------------------------------------------
 def train_adapters(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path,
-                   resume: bool = False, overridden: Collection[str] = ()) -> dict[str, float]:
+                   resume: bool = False, overridden: Collection[str] = (), overwrite: bool = False) -> dict[str, float]:
     """Train the adapters as ``adapted.config.train`` says, save the final checkpoint into ``output_dir`` and
     return the final metrics (``eval_loss``, and ``eval_accuracy`` or ``eval_perplexity``, ...).
 
     ``resume`` continues the run whose checkpoints are in ``output_dir``; the config must be the run's in all that
     decides the result, except the keys in ``overridden`` (``--override``, :data:`train.resume.OVERRIDABLE`).
+    Without it, an ``output_dir`` holding an earlier run's checkpoints is refused unless ``overwrite``.
     """
     config = adapted.config.train
     if config is None:
         raise ValueError("the config has no `train:` section; add one to train (see README: Config keys)")
+    check_start(Path(output_dir), resume, overwrite)
     check_launch_environment()
     accelerator = make_accelerator(config)
     check_supported(accelerator)
@@ -208,7 +211,10 @@ def build_run(adapted: AdaptedModel, tokenizer: PreTrainedTokenizerBase, config:
     align_pad_token(adapted, tokenizer)
     folder, state = resume_state(adapted, output_dir / CHECKPOINTS, digests, overridden) if resume else (None, None)
     if accelerator.is_main_process:
-        (remove_leftovers if resume else clear)(output_dir / CHECKPOINTS)
+        if resume:
+            remove_leftovers(output_dir / CHECKPOINTS)
+        else:
+            remove_earlier_run(output_dir)  # only with --overwrite is there one: check_start refused it
     accelerator.wait_for_everyone()
     adamw = build_optimizer(adapted, config)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(adapted.model, adamw, train_loader, eval_loader)
@@ -402,7 +408,8 @@ def non_finite(run: Run, value: float) -> NonFiniteLossError:
     return NonFiniteLossError(
         f"step {run.step + 1}: the training loss is {value}; training stopped before the update and the last good "
         f"checkpoint is {run.last_saved}. Continue from it with a lower learning rate (--resume {lower_lr}; it is "
-        f"{config.lr:g}) or clipping ({clip}; it is {config.max_grad_norm}), or check the data and start a new run"
+        f"{config.lr:g}) or clipping ({clip}; it is {config.max_grad_norm}), or check the data and start a new run "
+        f"(--overwrite)"
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import surgery.apply
 import train.trainer
 from surgery.apply import main as apply_main
 from surgery.checkpoint import load_checkpoint
@@ -23,6 +24,7 @@ from tests.train.helpers import build, make_config, task_files, tiny_base, write
 from train.data import DataError
 from train.report import METRICS_FILE
 from train.resume import ResumeError, apply_overrides, parse_overrides
+from train.state import ExistingRunError
 from train.trainer import NonFiniteLossError, train_adapters
 
 LORA = {"name": "lora", "r": 4}
@@ -42,8 +44,9 @@ def llama_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lm_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return task_files(tmp_path_factory.mktemp("data"), "causal-lm", n_train=32, n_eval=8)
+def lm_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    # rows of 6 to 14 words; max_length within the tiny model's 64 positions (surgery.apply checks it)
+    return {**task_files(tmp_path_factory.mktemp("data"), "causal-lm", n_train=32, n_eval=8), "max_length": 32}
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -321,3 +324,57 @@ def test_bad_overrides_are_usage_errors(argv: list, message: str, llama_lm: Path
 def test_override_values_read_as_the_config_reads_them():
     assert parse_overrides(["train.lr=1e-4", "train.max_grad_norm=null", "train.max_steps=12"]) == {
         "train.lr": 1e-4, "train.max_grad_norm": None, "train.max_steps": 12}
+
+
+# ---- 4. a new run does not delete an earlier run's checkpoints unless told to --------------------------------
+def _with_user_files(run: Path) -> None:
+    (run / "notes.txt").write_text("what I tried\n")
+    (run / "onnx").mkdir()
+    (run / "onnx" / "model.onnx").write_bytes(b"an export of this run")
+
+
+def test_a_new_run_into_an_earlier_runs_output_dir_is_refused(finished_run: Path, llama_lm: Path, lm_data: dict,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    out = _copy(finished_run, tmp_path)
+    _with_user_files(out)
+    before = file_hashes(out)
+    config = _resume_config(llama_lm, lm_data, out)
+    adapted, tokenizer = build(config)
+    with pytest.raises(ExistingRunError) as caught:
+        train_adapters(adapted, tokenizer, out)
+    assert str(caught.value) == (
+        f"output_dir {out} holds an earlier run's checkpoints (checkpoints/step-8, checkpoints/step-4, "
+        f"adapter.safetensors, surgery.yaml, checkpoint.json, ...); continue that run with --resume, replace it with "
+        f"--overwrite (which removes only these files), or choose another output_dir")
+    assert file_hashes(out) == before
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_config(config))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(surgery.apply, "plan", no_model)
+    assert apply_main([str(path)]) == 2
+    assert "holds an earlier run's checkpoints" in capsys.readouterr().err
+    assert apply_main([str(path), "--resume", "--overwrite"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert file_hashes(out) == before
+
+
+def test_overwrite_replaces_only_the_earlier_runs_files(finished_run: Path, llama_lm: Path, lm_data: dict,
+                                                        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    out = _copy(finished_run, tmp_path)
+    _with_user_files(out)
+    user_files = {k: v for k, v in file_hashes(out).items() if k in ("notes.txt", "onnx/model.onnx")}
+    old_manifest = (out / "checkpoint.json").read_bytes()
+    adapted, tokenizer = build(_resume_config(llama_lm, lm_data, out, max_steps=2, save_every=1,
+                                              keep_checkpoints=5))
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert train_adapters(adapted, tokenizer, out, overwrite=True)["steps"] == 2
+    assert "--overwrite: removing the earlier run's checkpoints/step-8, checkpoints/step-4" in caplog.text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert (out / "checkpoint.json").read_bytes() != old_manifest
+    assert {k: v for k, v in file_hashes(out).items() if k in user_files} == user_files
+    load_checkpoint(out)
