@@ -18,13 +18,13 @@ import torch
 import surgery.apply
 import train.trainer
 from surgery.apply import main as apply_main
-from surgery.checkpoint import load_checkpoint
+from surgery.checkpoint import ADAPTER_FILE, CheckpointError, load_checkpoint
 from surgery.config import dump_config
 from tests.train.helpers import build, make_config, task_files, tiny_base, write_jsonl
 from train.data import DataError
 from train.report import METRICS_FILE
 from train.resume import ResumeError, apply_overrides, parse_overrides
-from train.state import ExistingRunError
+from train.state import ExistingRunError, restore_adapters
 from train.trainer import NonFiniteLossError, train_adapters
 
 LORA = {"name": "lora", "r": 4}
@@ -378,3 +378,23 @@ def test_overwrite_replaces_only_the_earlier_runs_files(finished_run: Path, llam
     assert (out / "checkpoint.json").read_bytes() != old_manifest
     assert {k: v for k, v in file_hashes(out).items() if k in user_files} == user_files
     load_checkpoint(out)
+
+
+# ---- 5. an adapter of another rank than the config names the layer and both shapes ---------------------------
+def test_an_adapter_of_another_rank_names_the_layer_and_both_shapes(finished_run: Path, llama_lm: Path,
+                                                                   lm_data: dict, tmp_path: Path):
+    """The resume path refuses the config first (method.r, test above); restoring the tensors into a model built
+    with another rank, as any caller of restore_tensors may, names the layer, the tensor and both shapes."""
+    folder = _copy(finished_run, tmp_path) / "checkpoints" / "step-8"
+    before = file_hashes(folder)
+    other_rank = make_config(llama_lm, "causal-lm", {"name": "lora", "r": 8}, lm_data, tmp_path / "other",
+                             max_steps=8)
+    adapted, _ = build(other_rank)
+    with pytest.raises(CheckpointError) as caught:
+        restore_adapters(adapted, folder)
+    message = str(caught.value)
+    for part in (f"{folder / ADAPTER_FILE}: layer 'model.layers.0.self_attn.q_proj'", "size mismatch for lora_A",
+                 "shape torch.Size([4, 32]) from checkpoint", "the shape in current model is torch.Size([8, 32])",
+                 "load it with the rank and base model it was saved with"):
+        assert part in message, f"{part!r} missing from: {message}"
+    assert file_hashes(folder) == before
