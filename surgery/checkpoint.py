@@ -114,16 +114,30 @@ def save_checkpoint(adapted: AdaptedModel, folder: str | Path, extra: dict[str, 
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path`` (readable by all)."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path`` (readable by all).
+
+    The file is fsynced before the rename and its folder after it: a file written before the manifest is on disk
+    before the manifest names it, even if the machine loses power."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's, or a folder's (its entries: renames), contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_hash(path: Path) -> str:

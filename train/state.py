@@ -9,6 +9,7 @@ never unpickled, and its SHA-256 is pinned in the checkpoint's manifest.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from surgery.checkpoint import (
     ADAPTER_FILE,
@@ -27,8 +29,10 @@ from surgery.checkpoint import (
     MANIFEST_FILE,
     CheckpointError,
     check_base,
+    checkpoint_tensors,
     check_derived,
     file_hash,
+    fsync_path,
     read_manifest,
     read_tensors,
     restore_tensors,
@@ -43,6 +47,10 @@ RUN_FILES = (ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE, METRICS_FILE)  # a run's 
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
 TMP_GLOB = ".step-*.tmp"
 log = logging.getLogger("train")
+
+
+class DiskFullError(CheckpointError, OSError):
+    """A checkpoint could not be written for lack of space; the earlier checkpoints are intact."""
 
 
 class ExistingRunError(CheckpointError):
@@ -78,20 +86,62 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---- saving ------------------------------------------------------------------------------------------------
 def save_training_checkpoint(adapted: AdaptedModel, root: Path, step: int, trainer_state: dict[str, Any],
                              keep: int) -> Path:
-    """Write ``root/step-{step}`` atomically and keep only the newest ``keep`` step folders."""
+    """Write ``root/step-{step}`` atomically and keep only the newest ``keep`` step folders.
+
+    Every file and the folder are fsynced before the manifest is written and the folder renamed into place. A full
+    disk raises :class:`DiskFullError` naming the folder and the bytes needed; the earlier checkpoints stay.
+    """
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.", suffix=".tmp"))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the step folder gets the usual permissions
+    tmp: Path | None = None
     try:
-        torch.save(trainer_state, tmp / STATE_FILE)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.", suffix=".tmp"))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the step folder gets the usual permissions
+        write_trainer_state(trainer_state, tmp / STATE_FILE)
         save_checkpoint(adapted, tmp, extra={"step": step, "trainer_state": {STATE_FILE: file_hash(tmp / STATE_FILE)}})
         _move_into_place(tmp, folder)
+        fsync_path(root)
+    except (OSError, SafetensorError) as error:
+        if not is_disk_full(error):
+            raise
+        raise disk_full(root, tensor_bytes([trainer_state, checkpoint_tensors(adapted)]), error) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp)
     prune(root, keep)
     return folder
+
+
+def write_trainer_state(trainer_state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through a Python file, fsynced: a failed write is the OSError with its errno (torch's own
+    file writer reports a full disk as "inline_container.cc: unexpected pos")."""
+    with open(path, "wb") as handle:
+        torch.save(trainer_state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "(os error 28)" in str(error)  # safetensors: a Rust I/O error
+
+
+def disk_full(folder: Path, needed: int, error: BaseException) -> DiskFullError:
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    return DiskFullError(f"cannot save into {folder}, the disk is full ({error}): the checkpoint needs at least "
+                         f"{needed:,} bytes, {free:,} are free there; free space, or move output_dir to a disk with room")
+
+
+def tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in a nest of dicts, lists and tuples: what saving them needs at least."""
+    if torch.is_tensor(value):
+        return value.nelement() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
 
 
 def _umask() -> int:

@@ -29,12 +29,20 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, set_seed
+from safetensors import SafetensorError
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from surgery.checkpoint import CheckpointError, read_config, read_manifest, save_checkpoint, saved_modules
+from surgery.checkpoint import (
+    CheckpointError,
+    checkpoint_tensors,
+    read_config,
+    read_manifest,
+    save_checkpoint,
+    saved_modules,
+)
 from surgery.methods import AdapterLayer
 from surgery.rewrite import AdaptedModel
 from train.config import TrainConfig
@@ -49,7 +57,10 @@ from train.schedule import Plan, step_adapters
 from train.sharding import shard_optimizer_state, whole_optimizer_state, whole_parameters
 from train.state import (
     CHECKPOINTS,
+    DiskFullError,
     check_start,
+    disk_full,
+    is_disk_full,
     latest_checkpoint,
     load_trainer_state,
     remove_earlier_run,
@@ -58,6 +69,7 @@ from train.state import (
     rng_state,
     save_training_checkpoint,
     set_rng_state,
+    tensor_bytes,
 )
 
 log = logging.getLogger("train")
@@ -476,8 +488,12 @@ def save(run: Run) -> None:
     with whole_parameters(saved_parts(run.adapted)):
         state = trainer_state(run)
         if run.is_main:
-            run.last_saved = save_training_checkpoint(run.adapted, run.checkpoints, run.step, state,
-                                                      run.config.keep_checkpoints)
+            try:
+                run.last_saved = save_training_checkpoint(run.adapted, run.checkpoints, run.step, state,
+                                                          run.config.keep_checkpoints)
+            except DiskFullError as error:
+                kept = f"the last good checkpoint is {run.last_saved}" if run.last_saved else "none was saved before"
+                raise DiskFullError(f"step {run.step}: {error}; {kept}, continue from it with --resume") from None
             info("checkpoint saved: %s", run.last_saved)
     run.saved_step = run.step
     run.accelerator.wait_for_everyone()
@@ -496,6 +512,21 @@ def drop_autocast_wrapper(model: torch.nn.Module) -> None:
         model.forward = original
 
 
+def write_results(run: Run, metrics: dict[str, float]) -> None:
+    """The final adapter checkpoint and metrics.json in ``output_dir``; a full disk names what is kept."""
+    try:
+        save_checkpoint(run.adapted, run.output_dir, extra={"training": {"steps": run.step, "metrics": metrics}})
+        write_metrics(run.output_dir, metrics, run.history)
+    except (OSError, SafetensorError) as error:
+        if not is_disk_full(error):
+            raise
+        raise DiskFullError(
+            f"step {run.step}: training finished and its last step checkpoint {run.last_saved} is saved, but "
+            f"{disk_full(run.output_dir, tensor_bytes(checkpoint_tensors(run.adapted)), error)}; then run again "
+            f"with --resume to write the final checkpoint and metrics.json"
+        ) from None
+
+
 def finish(run: Run) -> dict[str, float]:
     """Save the last step checkpoint and the final adapter checkpoint, write metrics.json, print the summary."""
     if run.saved_step != run.step:
@@ -507,8 +538,7 @@ def finish(run: Run) -> dict[str, float]:
         metrics.update({f"initial_{k}": v for k, v in run.history[0].items() if k.startswith("eval_")})
     with whole_parameters(saved_parts(run.adapted)):
         if run.is_main:
-            save_checkpoint(run.adapted, run.output_dir, extra={"training": {"steps": run.step, "metrics": metrics}})
-            write_metrics(run.output_dir, metrics, run.history)
+            write_results(run, metrics)
             info("training summary\n%s", format_history(run.history))
     run.accelerator.wait_for_everyone()
     return metrics

@@ -3,10 +3,12 @@ and nothing of the user's is lost (the output folder's files are hashed before a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -16,15 +18,23 @@ import pytest
 import torch
 
 import surgery.apply
+import surgery.checkpoint
 import train.trainer
 from surgery.apply import main as apply_main
-from surgery.checkpoint import ADAPTER_FILE, CheckpointError, load_checkpoint
+from surgery.checkpoint import ADAPTER_FILE, CONFIG_FILE, MANIFEST_FILE, CheckpointError, load_checkpoint
 from surgery.config import dump_config
 from tests.train.helpers import build, make_config, task_files, tiny_base, write_jsonl
 from train.data import DataError
 from train.report import METRICS_FILE
 from train.resume import ResumeError, apply_overrides, parse_overrides
-from train.state import ExistingRunError, restore_adapters
+from train.state import (
+    STATE_FILE,
+    DiskFullError,
+    ExistingRunError,
+    check_folder,
+    restore_adapters,
+    save_training_checkpoint,
+)
 from train.trainer import NonFiniteLossError, train_adapters
 
 LORA = {"name": "lora", "r": 4}
@@ -398,3 +408,105 @@ def test_an_adapter_of_another_rank_names_the_layer_and_both_shapes(finished_run
                  "load it with the rank and base model it was saved with"):
         assert part in message, f"{part!r} missing from: {message}"
     assert file_hashes(folder) == before
+
+
+# ---- 6. saving: fsynced before the manifest; a full disk names the folder and the bytes, and keeps the last -----
+def test_files_and_folders_are_fsynced_before_the_manifest_and_the_rename(llama_lm: Path, lm_data: dict,
+                                                                          tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    adapted, _ = build(_resume_config(llama_lm, lm_data, tmp_path / "run"))
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    def rename(src, dst):
+        events.append(("rename", str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    root = tmp_path / "run" / "checkpoints"
+    save_training_checkpoint(adapted, root, 1, {"step": 1, "moments": torch.ones(3)}, keep=2)
+    monkeypatch.undo()
+
+    def first(kind: str, match) -> int:
+        return next(i for i, (k, path) in enumerate(events) if k == kind and match(Path(path)))
+
+    manifest = first("replace", lambda p: p.name == MANIFEST_FILE)
+    tmp_folder = Path(events[manifest][1]).parent
+    for name in (ADAPTER_FILE, CONFIG_FILE):
+        written = first("replace", lambda p, n=name: p.name == n)
+        assert first("fsync", lambda p, n=name: p.name.startswith(f".{n}.")) < written, f"{name} fsynced, renamed"
+    assert first("fsync", lambda p: p.name == STATE_FILE) < manifest
+    last_file = first("replace", lambda p: p.name == CONFIG_FILE)
+    assert any(k == "fsync" and Path(p) == tmp_folder for k, p in events[last_file:manifest]), "folder fsynced"
+    moved = first("rename", lambda p: p == root / "step-1")
+    assert manifest < moved and any(k == "fsync" and Path(p) == root for k, p in events[moved:]), "root fsynced"
+    check_folder(root / "step-1")
+
+
+def _full_disk_while_writing(target: str, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """After the step-2 checkpoint, the write of ``target`` puts half its bytes on disk and fails with ENOSPC."""
+    seen: dict = {}
+
+    def write_then_fail(handle_or_path) -> None:
+        seen.setdefault("step-2", file_hashes(out / "checkpoints" / "step-2"))
+        if hasattr(handle_or_path, "write"):
+            handle_or_path.write(b"\0" * 512)
+        else:
+            Path(handle_or_path).write_bytes(b"\0" * 512)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if target == "trainer_state.pt":
+        real = torch.save
+
+        def save(obj, handle, *args, **kwargs):
+            if not (out / "checkpoints" / "step-2").exists():
+                return real(obj, handle, *args, **kwargs)
+            write_then_fail(handle)
+
+        monkeypatch.setattr(torch, "save", save)
+    else:
+        real_file = surgery.checkpoint.save_file
+
+        def save_file(tensors, path, metadata=None):
+            if not (out / "checkpoints" / "step-2").exists():
+                return real_file(tensors, path, metadata=metadata)
+            write_then_fail(path)
+
+        monkeypatch.setattr(surgery.checkpoint, "save_file", save_file)
+    return seen
+
+
+@pytest.mark.parametrize("target", ["trainer_state.pt", "adapter.safetensors"])
+def test_a_full_disk_names_the_folder_and_the_bytes_and_keeps_the_last_checkpoint(
+    target: str, llama_lm: Path, lm_data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    out = tmp_path / "run"
+    config = _resume_config(llama_lm, lm_data, out, max_steps=6, save_every=2)
+    adapted, tokenizer = build(config)
+    seen = _full_disk_while_writing(target, out, monkeypatch)
+    with pytest.raises(DiskFullError) as caught:
+        train_adapters(adapted, tokenizer, out)
+    monkeypatch.undo()
+
+    message = str(caught.value)
+    assert re.fullmatch(
+        rf"step 4: cannot save into {re.escape(str(out / 'checkpoints'))}, the disk is full \(\[Errno 28\] No space "
+        rf"left on device\): the checkpoint needs at least [0-9,]+ bytes, [0-9,]+ are free there; free space, or move "
+        rf"output_dir to a disk with room; the last good checkpoint is {re.escape(str(out / 'checkpoints'))}/step-2, "
+        rf"continue from it with --resume", message), message
+    assert "inline_container" not in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"], "no half-written folder is left"
+    assert file_hashes(out / "checkpoints" / "step-2") == seen["step-2"]
+    load_checkpoint(out / "checkpoints" / "step-2")
+    resumed, _ = build(config, seed=1)
+    assert train_adapters(resumed, tokenizer, out, resume=True)["steps"] == 6
