@@ -4,7 +4,10 @@ files as a final one) plus ``trainer_state.pt`` (optimizer, scheduler, RNG state
 A checkpoint is written into a hidden temporary folder and renamed into place in one step, so a run killed while
 saving leaves the previous checkpoints intact and at worst a ``.step-N.*.tmp`` folder that the next run removes.
 ``trainer_state.pt`` holds only tensors and plain Python values: it is read with ``torch.load(weights_only=True)``,
-never unpickled, and its SHA-256 is pinned in the checkpoint's manifest.
+never unpickled, and its SHA-256 is pinned in the checkpoint's manifest. Every file and the folder are fsynced before
+the manifest is written and the folder renamed; a full disk is :class:`DiskFullError`, naming the folder and the
+bytes needed. A new run refuses an ``output_dir`` holding an earlier run's checkpoints unless told to overwrite
+(:func:`check_start`).
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ def is_disk_full(error: BaseException) -> bool:
 def disk_full(folder: Path, needed: int, error: BaseException) -> DiskFullError:
     free = shutil.disk_usage(folder).free if folder.exists() else 0
     return DiskFullError(f"cannot save into {folder}, the disk is full ({error}): the checkpoint needs at least "
-                         f"{needed:,} bytes, {free:,} are free there; free space, or move output_dir to a disk with room")
+                         f"{needed:,} bytes, {free:,} are free there; free space, or move output_dir to a disk "
+                         f"with room")
 
 
 def tensor_bytes(value: Any) -> int:

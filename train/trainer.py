@@ -1,4 +1,4 @@
-"""Train a surgered model: ``train_adapters(adapted, tokenizer, output_dir, resume=False) -> metrics``.
+"""Train a surgered model: ``train_adapters(adapted, tokenizer, output_dir, resume=False, ...) -> metrics``.
 
 An accelerate loop, so the same code runs on one CPU, one GPU, data-parallel (DDP) or fully sharded (FSDP
 version 2, see :mod:`train.sharding`) under ``accelerate launch`` (configs/accelerate/):
@@ -10,7 +10,9 @@ and the optimizer state of what it returns is reset.
 
 Checkpoints go to ``output_dir/checkpoints/step-N`` (see :mod:`train.state`), the final adapter checkpoint and
 ``metrics.json`` to ``output_dir``. ``resume=True`` continues from the newest intact step folder: same data order,
-RNG, optimizer and schedule, so N steps straight and N/2 + resume + N/2 give the same weights.
+RNG, optimizer and schedule, so N steps straight and N/2 + resume + N/2 give the same weights; the config must be
+the run's in all that decides the result (:mod:`train.resume`), and what the run had pending (an evaluation, the
+final checkpoint and metrics.json) is done first. A finished run is left as it is.
 """
 
 from __future__ import annotations
