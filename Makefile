@@ -37,7 +37,7 @@ venv: $(BIN)/.installed
 venv-compat: $(COMPAT_BIN)/.installed
 
 demo: venv
-	$(BIN)/python -m surgery.apply configs/demo.yaml
+	$(BIN)/python -m surgery.apply configs/demo.yaml --overwrite
 	$(BIN)/python -m export.onnx runs/demo --merge
 
 # The whole suite under transformers 5.x, then this major's cross-version set (build/cross/v5).
