@@ -34,6 +34,7 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from export.decode import FeedError, greedy, has_cache, onnx_feed
 from export.latency import PROVIDERS, ProviderError, ort_session, provider_chain
+from surgery.config import model_positions
 
 SEQ_CLS, CAUSAL_LM, FEATURES = "seq-cls", "causal-lm", "feature-extraction"
 
@@ -50,12 +51,6 @@ MODEL_FILES = {
     FEATURES: ("model.onnx",),
     CAUSAL_LM: ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx", "decoder_model.onnx"),
 }
-# Config fields that bound a sequence's length, in this order: GPT-2-style configs alias max_position_embeddings to
-# n_positions, so n_positions first names the field config.json really holds.
-POSITION_FIELDS = ("n_positions", "max_position_embeddings")
-# Encoders that number positions from pad_token_id + 1 (transformers' create_position_ids_from_input_ids): that many of
-# their max_position_embeddings are never reachable (RoBERTa: 514 -> 512 tokens).
-PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "data2vec-text"}
 # A folder has a tokenizer when it has one of these (fast tokenizer, its config, or a slow tokenizer's vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
@@ -81,20 +76,10 @@ class Limit(NamedTuple):
 
 
 def position_limit(config) -> Limit | None:
-    """The positions config.json gives the model (less RoBERTa's padding offset), or None where it names none."""
-    for field in POSITION_FIELDS:
-        positions = getattr(config, field, None)
-        if isinstance(positions, int) and positions > 0:
-            return _less_padding_offset(config, Limit(positions, f"{field} in config.json"))
-    return None
-
-
-def _less_padding_offset(config, limit: Limit) -> Limit:
-    pad = getattr(config, "pad_token_id", None)
-    if getattr(config, "model_type", None) not in PADDING_OFFSET_TYPES or pad is None:
-        return limit
-    return Limit(limit.tokens - pad - 1, f"{limit.source}, less pad_token_id + 1 = {pad + 1}: positions start after "
-                                         "the padding index")
+    """The positions config.json gives the model (less RoBERTa's padding offset), or None where it names none: the
+    same reading as training's max_length check (surgery.config.model_positions)."""
+    found = model_positions(config)
+    return None if found is None else Limit(*found)
 
 
 def encoder_limit(positions: Limit | None, tokenizer) -> Limit | None:

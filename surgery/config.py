@@ -385,9 +385,9 @@ def model_positions(hf_config: Any) -> tuple[int, str] | None:
         if isinstance(positions, int) and positions > 0:
             pad = getattr(hf_config, "pad_token_id", None)
             if getattr(hf_config, "model_type", None) in PADDING_OFFSET_TYPES and isinstance(pad, int):
-                return positions - pad - 1, (f"{field} = {positions} in its config.json, less pad_token_id + 1 = "
+                return positions - pad - 1, (f"{field} = {positions} in config.json, less pad_token_id + 1 = "
                                              f"{pad + 1}: positions start after the padding index")
-            return positions, f"{field} in its config.json"
+            return positions, f"{field} in config.json"
     return None
 
 

@@ -276,8 +276,8 @@ def test_a_prompt_filling_the_positions_exactly_equals_transformers(cache: str, 
     (GPT2Config(n_positions=64), Limit(64, "n_positions in config.json")),
     (LlamaConfig(max_position_embeddings=96), Limit(96, "max_position_embeddings in config.json")),
     (RobertaConfig(max_position_embeddings=514, pad_token_id=1), Limit(
-        512, "max_position_embeddings in config.json, less pad_token_id + 1 = 2: positions start after the padding "
-             "index")),
+        512, "max_position_embeddings = 514 in config.json, less pad_token_id + 1 = 2: positions start after the "
+             "padding index")),
     (PretrainedConfig(), None),  # nothing names a limit: nothing is checked
 ])
 def test_position_limit_names_the_field(config, expected: Limit | None) -> None:

@@ -297,7 +297,7 @@ def test_max_length_beyond_the_positions(
     cfg = write_config(tmp_path, bases["llama"], LORA, train="", data="    max_length: 65\n")
     err = refuse(tmp_path, [str(cfg)], capsys)
     assert (f"train.data.max_length: 65 is more than the 64 positions of model '{bases['llama']}' "
-            "(max_position_embeddings in its config.json); set it to 64 or less") in err
+            "(max_position_embeddings in config.json); set it to 64 or less") in err
     assert "train.data.max_length: 65" in refuse(tmp_path, [str(cfg), "--dry-run"], capsys)
 
 
@@ -313,7 +313,7 @@ def test_missing_data_file_refused_before_loading(
 @pytest.mark.parametrize(("arch", "positions", "source"), [
     ("llama", 64, "max_position_embeddings"),
     ("gpt2", 64, "n_positions"),
-    ("roberta", 78, "max_position_embeddings = 80 in its config.json, less pad_token_id + 1 = 2"),
+    ("roberta", 78, "max_position_embeddings = 80 in config.json, less pad_token_id + 1 = 2"),
 ])
 def test_max_length_limit_per_architecture(tmp_path: Path, arch: str, positions: int, source: str) -> None:
     tiny_config(arch).save_pretrained(tmp_path)
