@@ -83,12 +83,15 @@ def run(args: argparse.Namespace) -> int:
 
         config = apply_overrides(config, overridden)
     check_files(config, dry_run=args.dry_run)
-    if config.train is not None and not args.dry_run:
+    if not args.dry_run:
         from train.state import check_start
-        from train.trainer import check_launch_environment
 
-        check_launch_environment()  # an unsupported accelerate set-up fails before the model loads
-        check_start(config.output_dir, args.resume, args.overwrite)  # an earlier run's checkpoints, likewise
+        if config.train is not None:
+            from train.trainer import check_launch_environment
+
+            check_launch_environment()  # an unsupported accelerate set-up fails before the model loads
+        # an earlier run's checkpoints, likewise (a surgery-only run would overwrite them too)
+        check_start(config.output_dir, args.resume and config.train is not None, args.overwrite)
     set_seed(config.train.seed if config.train else 0)  # adapter and head initialisation repeat run to run
     adapted = plan(config, dry_run=args.dry_run)
     report = build_report(adapted)

@@ -510,3 +510,24 @@ def test_a_full_disk_names_the_folder_and_the_bytes_and_keeps_the_last_checkpoin
     load_checkpoint(out / "checkpoints" / "step-2")
     resumed, _ = build(config, seed=1)
     assert train_adapters(resumed, tokenizer, out, resume=True)["steps"] == 6
+
+
+def test_a_surgery_only_run_refuses_an_earlier_checkpoint_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Without a train section surgery.apply saves the freshly initialised adapters: into a folder holding a trained
+    checkpoint that would replace it."""
+    import yaml
+
+    base = tiny_base(tmp_path, "bert", "seq-cls")
+    out = tmp_path / "run"
+    config = {"model": {"name_or_path": str(base), "task": "seq-cls", "num_labels": 2}, "targets": ["query"],
+              "method": {"name": "lora", "r": 2}, "output_dir": str(out)}
+    path = tmp_path / "surgery.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert apply_main([str(path)]) == 0
+    before = file_hashes(out)
+    capsys.readouterr()
+    assert apply_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir {out} holds an earlier run's checkpoints" in err and "--overwrite" in err
+    assert file_hashes(out) == before
+    assert apply_main([str(path), "--overwrite"]) == 0 and (out / MANIFEST_FILE).is_file()
