@@ -18,6 +18,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from export.decode import onnx_feed
+
 # Our provider names -> the onnxruntime execution providers to try, in order (CPU is always the last fallback).
 PROVIDERS: dict[str, list[str]] = {
     "cpu": ["CPUExecutionProvider"],
@@ -161,5 +163,5 @@ def median_ms(path: Path, provider: str, options: ort.SessionOptions, inputs: di
               runs: int) -> float:
     """Open ``path``, run it ``warmup`` times, then time ``runs`` runs; the session is released on return."""
     sess = ort_session(path, provider, options)
-    feed = declared_feed(sess, inputs)
+    feed = onnx_feed(sess, inputs)  # a decoder with a KV cache also gets position_ids and an empty cache (prefill)
     return _median_ms({"run": lambda: sess.run(None, feed)}, warmup, runs)["run"]

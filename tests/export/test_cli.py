@@ -122,6 +122,17 @@ def gpt2_export(ckpts, root: Path) -> Path:
     return out
 
 
+def test_a_decoder_with_its_kv_cache_measures_latency(ckpts, tmp_path: Path) -> None:
+    """The latency step feeds a cache graph position_ids and an empty cache (a prefill); it fed only input_ids and
+    attention_mask, and every decoder export with latency on (the default) failed."""
+    out = tmp_path / "gpt2_latency"
+    assert main([str(ckpts["gpt2"]), "--merge", "--out", str(out), "--no-fp16-check"]) == 0
+    report = read_report(out)
+    assert report["with_past"] and report["passed"]
+    latency = report["latency"]
+    assert latency["ort_ms"] > 0 and latency["base_ort_ms"] > 0 and "prefill, empty cache" in latency["input"]
+
+
 def torch_greedy(ckpt: Path, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
     with torch.no_grad():
         return load_checkpoint(ckpt).model.eval().generate(
