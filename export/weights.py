@@ -28,6 +28,8 @@ import onnx
 import torch
 from torch import nn
 
+from surgery.pages import MADV_DONTNEED, PAGE, advise  # PAGE: for callers
+
 PROTOBUF_LIMIT = 2**31  # one serialised ModelProto must stay below 2 GiB
 INLINE_LIMIT = 2**27  # weights up to 128 MiB go inside model.onnx (one file); more are streamed to model.onnx_data
 FLOAT16_MAX = 65504.0
@@ -95,25 +97,13 @@ def release_memory() -> None:
         pass
 
 
-PAGE = 4096
-MADV_DONTNEED = 4  # Linux
-
-
 def release_pages(tensor: torch.Tensor) -> None:
-    """Tell the kernel the pages lying wholly inside ``tensor``'s bytes are no longer needed (Linux ``madvise``
-    MADV_DONTNEED), for a tensor that is dead but whose memory stays mapped: a base weight replaced by a fold of
-    another shape or dtype, a view of the safetensors file's private mapping that lives on while other weights of
-    the shard do. Its file-backed pages leave the process's RSS (a later read would reload them from the file); on
-    anonymous memory they would read back as zeros. Elsewhere, or for a tensor under one page, nothing happens."""
-    import ctypes
-    import sys
-
-    start = -(-tensor.data_ptr() // PAGE) * PAGE
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // PAGE * PAGE
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or end <= start:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(MADV_DONTNEED))
+    """Tell the kernel the pages lying wholly inside ``tensor``'s bytes are no longer needed (MADV_DONTNEED), for a
+    tensor that is dead but whose memory stays mapped: a base weight replaced by a fold of another shape or dtype, a
+    view of the safetensors file's private mapping that lives on while other weights of the shard do. Its
+    file-backed pages leave the process's RSS (a later read would reload them from the file); on anonymous memory
+    they would read back as zeros, so only for dead tensors."""
+    advise(tensor, MADV_DONTNEED)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from surgery.pages import MADV_PAGEOUT, advise
+
 META = "meta"  # the fingerprint of a weightless (meta-device) model: --dry-run
 SHOWN = 5  # tensors named in a message
 
@@ -97,23 +99,11 @@ def base_digest(model: nn.Module, skip: Collection[str] = (), trusted: Mapping[s
     return BaseDigest(fingerprint_of(tensors), tensors, non_finite)
 
 
-MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; file-backed clean ones are dropped, nothing is lost
-PAGE = 4096
-
-
 def page_out(tensor: torch.Tensor) -> None:
     """Give back the pages the digest just read where the kernel can reload them (a base weight still only in the
     memory-mapped safetensors file: an embedding table the model reads a few rows of would otherwise stay resident
     from here to the export's peak). Data-safe: written or anonymous pages stay (without swap) or are swapped."""
-    import ctypes
-    import sys
-
-    start = -(-tensor.data_ptr() // PAGE) * PAGE
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // PAGE * PAGE
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or end <= start:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(MADV_PAGEOUT))
+    advise(tensor, MADV_PAGEOUT)
 
 
 def storage_key(tensor: torch.Tensor) -> tuple:

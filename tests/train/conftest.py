@@ -3,21 +3,16 @@ has two cores), and the tiny bases built once per session."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.train.helpers import task_files, tiny_base
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread: None) -> None:
+    """Every training test on one PyTorch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
