@@ -324,9 +324,13 @@ def export_checks(folder: Path) -> str:
     greedy = parity.get("greedy") or {}
     decoding = ("n/a" if not greedy else "identical" if greedy["match"] else
                 f"identical up to {len(greedy['divergences'])} near-tie(s)" if greedy["passed"] else "MISMATCH")
+    latency = report.get("latency")
+    timed = "" if not latency else (f"; latency {latency['ort_ms']:.0f} ms vs the base export's "
+                                    f"{latency['base_ort_ms']:.0f} ms ({latency['input']}): overhead "
+                                    f"{latency['overhead']:.3f}")
     return (f"export checks ({'passed' if report['passed'] else 'FAILED'}): parity at atol "
             f"{parity['tolerance']['atol']:g} / rtol {parity['tolerance']['rtol']:g}: {cases}; greedy "
-            f"{greedy.get('tokens', 0)} tokens x {greedy.get('prompts', 0)} prompts: {decoding}")
+            f"{greedy.get('tokens', 0)} tokens x {greedy.get('prompts', 0)} prompts: {decoding}{timed}")
 
 
 # ---- profile (a child running export_checkpoint in-process) -----------------------------------------
