@@ -444,7 +444,10 @@ def trace_inputs(model: nn.Module, names: list[str]) -> tuple[torch.Tensor, ...]
 
 
 def save_configs(model: nn.Module, folder: Path) -> None:
-    """config.json, and generation_config.json for models that generate (what optimum writes itself)."""
+    """config.json, and generation_config.json for models that generate (what optimum writes itself). The config
+    names the exported class (as save_pretrained does): a base saved as BertModel and loaded for seq-cls would
+    otherwise tell export.run it is a feature extractor."""
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():

@@ -71,6 +71,22 @@ def unknown_decoder() -> torch.nn.Module:
     return model
 
 
+def test_the_exported_config_names_the_exported_class(tmp_path: Path) -> None:
+    """A base saved as BertModel and loaded for seq-cls keeps architectures ["BertModel"] in its config; the export's
+    config.json must say BertForSequenceClassification, or export.run (without a report) takes it for features."""
+    import json
+
+    from export.run import SEQ_CLS, declared_task
+    from transformers import AutoConfig
+
+    model = tiny_model("bert")
+    model.config.architectures = ["BertModel"]
+    graph = export_model(model, tmp_path, backend="torch", log=quiet)
+    written = json.loads((graph.folder / "config.json").read_text())
+    assert written["architectures"] == [type(model).__name__] == ["BertForSequenceClassification"]
+    assert declared_task(graph.folder, AutoConfig.from_pretrained(graph.folder)) == SEQ_CLS
+
+
 @pytest.mark.compat
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_optimum_takes_every_tiny_architecture_where_installed(arch: str) -> None:

@@ -111,7 +111,8 @@ def test_embed_is_masked_mean_of_hidden_states(tmp_path):
 def test_task_from_architectures_then_report(bert, tmp_path):
     folder = shutil.copytree(bert[1], tmp_path / "copy")
     config = json.loads((folder / "config.json").read_text())
-    assert "architectures" not in config or not config["architectures"]  # so far the graph's outputs told the task
+    assert config["architectures"] == ["BertForSequenceClassification"]  # the export names its class
+    assert OnnxPipeline.from_dir(folder).task == "seq-cls"
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
     assert OnnxPipeline.from_dir(folder).task == "feature-extraction"  # what config.json says wins over the graph
     (folder / "export_report.json").write_text(json.dumps({"task": "text-classification"}))
@@ -132,8 +133,8 @@ def test_missing_folder_and_model_file(bert, tmp_path, capsys):
     assert main([str(tmp_path / "nowhere"), "--text", "a cat"]) == 2
     assert "does not exist" in capsys.readouterr().err
     folder = shutil.copytree(bert[1], tmp_path / "no_model", ignore=shutil.ignore_patterns("*.onnx"))
-    with pytest.raises(ExportFolderError, match="has no .onnx file"):
-        OnnxPipeline.from_dir(folder)
+    with pytest.raises(ExportFolderError, match=r"no model.onnx for task seq-cls \(found: none\)"):
+        OnnxPipeline.from_dir(folder)  # config.json names the class, so the task is known and the file missing
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BertForSequenceClassification"]}))
     with pytest.raises(ExportFolderError, match="no model.onnx for task seq-cls"):
