@@ -226,16 +226,22 @@ def read_yaml(path: Path) -> Any:
         line = data.count(b"\n", 0, error.start) + 1
         raise ConfigError(f"{path}: not UTF-8 text: byte offset {error.start} (line {line}) is "
                           f"0x{data[error.start]:02x}; save the file as UTF-8") from None
+    return yaml_value(text, str(path))
+
+
+def yaml_value(text: str, name: str) -> Any:
+    """``text`` read as configs read YAML (YAML 1.2 scalars, no duplicate keys, bounded aliases); errors name
+    ``name`` (a file, or e.g. ``--override KEY=VALUE``)."""
     try:
-        loader = ConfigLoader(text, str(path))
+        loader = ConfigLoader(text, name)
     except yaml.reader.ReaderError as error:  # a control character: PyYAML checks the whole text first
         offset = len(text[:error.position].encode("utf-8"))
-        raise ConfigError(f"{path}: not valid YAML: character #x{error.character:04x} at byte offset {offset} (line "
+        raise ConfigError(f"{name}: not valid YAML: character #x{error.character:04x} at byte offset {offset} (line "
                           f"{text.count(chr(10), 0, error.position) + 1}) is not allowed in YAML; remove it") from None
     try:
         return loader.get_single_data()
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{name}: not valid YAML: {error}") from None
     finally:
         loader.dispose()
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from surgery.checkpoint import CheckpointError, file_hash
-from surgery.config import ConfigError, ConfigLoader, SurgeryConfig, dump_config, parse_config
+from surgery.config import ConfigError, SurgeryConfig, dump_config, parse_config, yaml_value
 from train.config import DataConfig
 
 OVERRIDABLE = {
@@ -51,17 +51,6 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
                               f"{', '.join(OVERRIDABLE)} (anything else that changes the result needs a new run)")
         overrides[key] = yaml_value(text.strip(), f"--override {item}")
     return overrides
-
-
-def yaml_value(text: str, name: str) -> Any:
-    """``text`` read as the config's YAML reads it (YAML 1.2 scalars: ``1e-4`` is a number)."""
-    loader = ConfigLoader(text, name)
-    try:
-        return loader.get_single_data()
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{name}: not valid YAML: {error}") from None
-    finally:
-        loader.dispose()
 
 
 def apply_overrides(config: SurgeryConfig, overrides: dict[str, Any]) -> SurgeryConfig:
