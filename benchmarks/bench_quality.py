@@ -548,6 +548,43 @@ def settings_of(bench: Bench, args: argparse.Namespace, rows: list[Row], budget:
             "timing_rounds": args.rounds, "quick": args.quick, "wall_time_s": round(wall_s, 1)}
 
 
+# ---- rows kept across runs ---------------------------------------------------------------------------------
+class Partial:
+    """Each finished row is appended to ``NAME.partial.jsonl`` with the settings it ran under and its wall time;
+    ``--resume`` takes the rows whose settings match from there instead of training them again (a run of hours
+    survives an interrupted session). Without ``--resume`` the file starts empty."""
+
+    def __init__(self, path: Path, bench: Bench, resume: bool) -> None:
+        self.path, self.bench, self.resumed_s = path, bench, 0.0
+        self.done: dict[str, dict[str, Any]] = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and path.exists():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                self.done[json.dumps(entry["key"], sort_keys=True)] = entry
+        else:
+            path.write_text("")
+
+    def key(self, plan: Planned) -> dict[str, Any]:
+        return {"row": plan.row.name, "method": plan.method, "lrs": list(plan.row.lrs), "steps": self.bench.steps,
+                "seeds": self.bench.seeds, "examples": len(self.bench.test_labels)}
+
+    def row(self, plan: Planned, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        key = self.key(plan)
+        entry = self.done.get(json.dumps(key, sort_keys=True))
+        if entry is not None:
+            say(f"{plan.row.name}: resumed from {self.path.name} ({entry['wall_s']:.0f} s when it ran)")
+            self.resumed_s += entry["wall_s"]
+            return entry["result"]
+        lrs = ", ".join(f"{lr:g}" for lr in plan.row.lrs)
+        say(f"{plan.row.name} ({describe(plan.row, plan.method)}): lrs {lrs}")
+        started = time.perf_counter()
+        result = measure()
+        with self.path.open("a") as out:
+            out.write(json.dumps({"key": key, "wall_s": time.perf_counter() - started, "result": result}) + "\n")
+        return result
+
+
 # ---- command line ------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_quality", description=__doc__.split("\n\n")[0])
@@ -565,6 +602,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "is visible)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, the core count)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="clock of the step timing")
+    parser.add_argument("--resume", action="store_true",
+                        help="take the rows an earlier run with the same settings finished (NAME.partial.jsonl in "
+                             "--out-dir) instead of training them again")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results (quick: benchmarks/results/tmp)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.rows or []) - set(ROW_NAMES))
@@ -620,14 +660,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_quality.") as scratch:
         bench, planned, budget = prepare(args, Path(scratch))
         say(f"bench_quality: {len(planned)} rows, {bench.steps} steps a run, seeds {bench.seeds}")
+        partial = Partial(args.out_dir / f"{NAME}.partial.jsonl", bench, args.resume)
         results = []
         for plan in planned:
-            lrs = ", ".join(f"{lr:g}" for lr in plan.row.lrs)
-            say(f"{plan.row.name} ({describe(plan.row, plan.method)}): lrs {lrs}")
-            results.append(measure_row(bench, plan.row, plan.method, budget))
+            results.append(partial.row(plan, lambda plan=plan: measure_row(bench, plan.row, plan.method, budget)))
         chosen = [(plan, result["lr"]) for plan, result in zip(planned, results, strict=True)]
         add_timings(results, step_timings(bench, chosen, args))
-        wall_s = time.perf_counter() - started
+        wall_s = time.perf_counter() - started + partial.resumed_s
         settings = settings_of(bench, args, [plan.row for plan in planned], budget, wall_s)
     title = f"Test accuracy on data/debian_sections vs trainable parameters ({MODEL_PATH}, {bench.steps} steps)"
     write_results(NAME, title, machine, settings, results, COLUMNS, notes=notes(budget, wall_s),

@@ -91,3 +91,22 @@ def test_parameter_budget_and_the_references(rows: dict[str, dict[str, Any]]):
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the plot needs the [bench] extra")
 def test_the_plot_is_written(out_dir: Path):
     assert (out_dir / f"{NAME}.png").stat().st_size > 0
+
+
+def test_resume_takes_finished_rows_without_training_them(out_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """A second run with --resume reads the rows the first one finished from NAME.partial.jsonl: no training."""
+    import benchmarks.bench_quality as bench_quality
+
+    first = json.loads((out_dir / f"{NAME}.json").read_text())["rows"]
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a resumed row was trained again")
+
+    monkeypatch.setattr(bench_quality, "measure_row", no_training)
+    resumed = out_dir / "resumed"
+    resumed.mkdir()
+    (resumed / f"{NAME}.partial.jsonl").write_text((out_dir / f"{NAME}.partial.jsonl").read_text())
+    assert main(["--quick", "--rows", "head_only", "--rounds", "1", "--resume", "--out-dir", str(resumed)]) == 0
+    (row,) = json.loads((resumed / f"{NAME}.json").read_text())["rows"]
+    (before,) = [r for r in first if r["row"] == "head_only"]
+    assert row["runs"] == before["runs"] and row["lr"] == before["lr"]
