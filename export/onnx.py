@@ -3,6 +3,7 @@
     python -m export.onnx runs/demo --merge                       # folded export into runs/demo/onnx
     python -m export.onnx runs/demo                               # the unfolded adapter graph (for comparison)
     python -m export.onnx runs/demo --merge --dtype fp16 --max-overhead 1.2 --out exported/
+    python -m export.onnx runs/demo --merge --quantize int8 --max-quality-drop 1   # int8 after the fold
 
 Steps, one copy of the weights at a time: load the checkpoint onto its untouched base model (memory-mapped); run the
 unfolded model on the verification inputs and keep only its outputs; fold every adapter layer in place (``--merge``;
@@ -12,8 +13,8 @@ model; check onnxruntime against the recorded outputs (a cached step and greedy 
 latency against the base model exported the same way, one session at a time; check TensorRT readiness and an fp16
 variant; write ``export_report.json`` and ``EXPORT_REPORT.md`` into the output folder.
 
-Exit status: 0 when every check passed; 1 when a check failed: parity, greedy decoding, the fp16 variant or
-``--max-overhead`` (the report is written, with the error), or a layer's fold beyond tolerance (nothing is exported);
+Exit status: 0 when every check passed; 1 when a check failed: parity, greedy decoding, the fp16 variant,
+``--max-overhead`` or ``--max-quality-drop`` (the report is written, with the error), or a layer's fold beyond tolerance (nothing is exported);
 2 when the inputs cannot be used (checkpoint, base model, options, an architecture the chosen backend cannot export).
 """
 
@@ -35,6 +36,8 @@ from torch import nn
 from export.exporters import CAUSAL_LM, BACKEND_CHOICES, ExportedGraph, ExportError, export_model, model_task
 from export.fold import FoldError, LayerFold, fold_in_place, model_macs, unfolded_layers
 from export.outdir import FP16_DIR, check_out, clear_recorded, record_written
+from export.quantize import (DEFAULT_BLOCK_SIZE, QUANTIZE_CHOICES, QuantizeError, QuantizeOptions,
+                             check_quantize_options, quantize_stage)
 from export.reference import GREEDY_TOKENS, PARITY_SHAPES, Reference, record_reference, sample_inputs
 from export.report import summary, write_report
 from export.verify import Parity, verify_export
@@ -82,6 +85,9 @@ def export_checkpoint(
     fp16_check: bool = True,
     overwrite: bool = False,
     log: Log = print,
+    quantize: str | None = None,
+    block_size: int | None = None,
+    max_quality_drop: float | None = None,
 ) -> dict[str, Any]:
     """Fold (``merge``), export, verify, measure and report one checkpoint; returns the report.
 
@@ -95,11 +101,13 @@ def export_checkpoint(
     (OutFolderError among them) for unusable inputs.
     """
     check_options(opset, dtype, max_overhead, latency)
+    quantizing = check_quantize_options(quantize, block_size, max_quality_drop, merge, dtype)
+    fp16_check = fp16_check and quantizing is None  # a quantized export ships no fp16 variant
     ckpt = Path(ckpt)
     out = Path(out) if out is not None else ckpt / ("onnx" if merge else "onnx_unfolded")
     check_out(out, overwrite)
     tolerance = export_tolerance(dtype)
-    step = Steps(log, total=7 if latency else 6)
+    step = Steps(log, total=(7 if latency else 6) + (2 if quantizing else 0))
     step("loading the checkpoint", f"{ckpt}")
     adapted = load_checkpoint(ckpt, model_path=model_path)
     config, model = adapted.config, adapted.model.eval()
@@ -126,6 +134,8 @@ def export_checkpoint(
     report["parity"] = parity.as_dict()
     if not parity.passed:
         fail(report, out, parity.failure() or "parity failed", before)
+    if quantizing is not None:  # export.quantize: the verified fp32 graph quantized in place, checked on the task
+        quantization(report, graph, config, layers, quantizing, step, before)
     if latency:
         step("measuring latency", "against the base model exported the same way, one session at a time")
         report["latency"] = measure(graph, config, reference, dtype, base_onnx, max_overhead)
@@ -253,6 +263,20 @@ def save_tokenizer(config: SurgeryConfig, out: Path, log: Log) -> None:
         load_tokenizer(config.model).save_pretrained(out)
     except ModelLoadError as error:
         log(f"warning: no tokenizer saved ({error}); save one into {out} before running the export")
+
+
+# ---- quantization -------------------------------------------------------------------------------------------------
+def quantization(report: dict[str, Any], graph: ExportedGraph, config: SurgeryConfig, layers: list[LayerFold],
+                 options: QuantizeOptions, step: Steps, before: set[str]) -> None:
+    """export.quantize's stage into ``report['quantization']``; a quantizer failure fails the export (the fp32
+    graph is put back), a --max-quality-drop breach joins the errors (latency is still measured)."""
+    try:
+        report["quantization"] = quantize_stage(graph, config, layers, options, step, step.detail)
+    except QuantizeError as error:
+        fail(report, graph.folder, str(error), before)
+    report["files"] = {"model": graph.model_file.name,
+                       **({"external_data": graph.model_file.name + "_data"} if graph.external_data else {})}
+    report["errors"].extend(report["quantization"]["errors"])
 
 
 # ---- latency ------------------------------------------------------------------------------------------------------
@@ -425,6 +449,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "are always replaced")
     parser.add_argument("--no-fp16-check", action="store_true",
                         help="skip building and verifying the fp16 variant (TensorRT readiness)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                        help="after the fp32 export is verified, quantize it with onnxruntime's tooling (needs "
+                             "--merge, fp32): int8 = dynamic int8, per output channel, MatMul and embeddings; "
+                             "int4 = MatMulNBits weight-only blocks (decoders; encoders too). Residual paths stay "
+                             "float32. Checked on the task against the fp32 export (export.quality); no fp16 "
+                             "variant")
+    parser.add_argument("--block-size", type=int, metavar="N",
+                        help=f"--quantize int4: weights per quantization block, a power of two >= 16 (default "
+                             f"{DEFAULT_BLOCK_SIZE})")
+    parser.add_argument("--max-quality-drop", type=float, metavar="X",
+                        help="with --quantize: fail when the quantized export loses more than X against the fp32 "
+                             "export on the checkpoint's eval data: seq-cls accuracy points, causal-LM perplexity "
+                             "increase in percent")
     return parser.parse_args(argv)
 
 
@@ -436,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             max_overhead=args.max_overhead, backend=args.backend, model_path=args.model_path,
             base_onnx=args.base_onnx, latency=not args.no_latency, fp16_check=not args.no_fp16_check,
             overwrite=args.overwrite,
+            quantize=args.quantize, block_size=args.block_size, max_quality_drop=args.max_quality_drop,
         )
     except ExportFailed as failure:
         print(summary(failure.report))

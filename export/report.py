@@ -31,6 +31,7 @@ def markdown(report: dict[str, Any]) -> str:
         _header(report),
         _parity(report.get("parity")),
         _latency(report.get("latency")),
+        _quantization(report.get("quantization")),
         _layers(report["layers"]),
         _tensorrt(report.get("tensorrt")),
     ]
@@ -128,6 +129,36 @@ def _tensorrt(trt: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def _quantization(section: dict[str, Any] | None) -> str:
+    if not section:
+        return ""
+    return "\n".join(["## Quantization", "", *(f"- {line}" for line in quantization_lines(section)),
+                      "", f"Float32 nodes: {section['float_nodes']['reason']}."])
+
+
+def quantization_lines(section: dict[str, Any]) -> list[str]:
+    """The settings, the size and the task-level quality of a quantized export, one line each."""
+    settings, size, quality = section["settings"], section["size"], section.get("quality") or {}
+    kept = sum(len(names) for names in section["float_nodes"]["layers"].values())
+    lines = [f"{settings['kind']}: {settings['method']}, {settings['weights']}; {kept} residual-path nodes float32",
+             f"size {size['quantized_bytes'] / 2**20:,.1f} MiB = {size['ratio']:.3f}x the fp32 export "
+             f"({size['fp32_bytes'] / 2**20:,.1f} MiB)"]
+    if quality.get("label_agreement") is not None:
+        accuracy = ("" if quality.get("accuracy_fp32") is None else
+                    f"; eval accuracy {quality['accuracy_fp32']:.4f} -> {quality['accuracy_quantized']:.4f} "
+                    f"({quality['accuracy_delta_points']:+.2f} points)")
+        lines.append(f"labels agreeing with fp32 {quality['label_agreement']:.2%} of {quality['rows']}{accuracy}")
+    if quality.get("perplexity_ratio") is not None:
+        lines.append(f"perplexity {quality['perplexity_fp32']:.4g} -> {quality['perplexity_quantized']:.4g} "
+                     f"(x{quality['perplexity_ratio']:.4f}); greedy tokens agreeing "
+                     f"{quality['greedy_agreement']:.1%}")
+    if quality.get("cosine_mean") is not None:
+        lines.append(f"embedding cosine vs fp32: mean {quality['cosine_mean']:.5f}, min {quality['cosine_min']:.5f}")
+    if quality:
+        lines.append(f"data: {quality['data']}")
+    return lines
+
+
 # ---- console summary ----------------------------------------------------------------------------------------------
 def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal after an export."""
@@ -146,6 +177,8 @@ def summary(report: dict[str, Any]) -> str:
     if latency:
         lines.append(f"  latency (ms): onnx {latency['ort_ms']:.3f}, base onnx {latency['base_ort_ms']:.3f}, "
                      f"overhead {latency['overhead']:.3f}")
+    if report.get("quantization"):
+        lines += [f"  quantized: {line}" for line in quantization_lines(report["quantization"])]
     lines.append(f"  MACs/token: {report['macs_per_token']:,} (base {report['base_macs_per_token']:,})")
     trt = report.get("tensorrt")
     if trt:

@@ -32,6 +32,7 @@ import onnxruntime as ort
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
+from export.adapters import AdapterSession, available, load_adapter
 from export.decode import FeedError, greedy, has_cache, onnx_feed
 from export.latency import PROVIDERS, ProviderError, ort_session, provider_chain
 from surgery.config import model_positions
@@ -156,15 +157,25 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class OnnxPipeline:
     """Tokenizer + onnxruntime session(s) of one exported folder."""
 
-    def __init__(self, folder: Path, task: str, config, tokenizer, model_file: Path, provider: str = "cpu"):
+    def __init__(self, folder: Path, task: str, config, tokenizer, model_file: Path, provider: str = "cpu",
+                 adapter: str | None = None):
         self.folder, self.task, self.config, self.tokenizer = folder, task, config, tokenizer
         self.model_file, self.provider = model_file, provider
-        self.session = ort_session(model_file, provider)
+        self.adapters = available(folder)  # an --adapters export: name -> NAME.onnx_adapter (else empty)
+        options = None
+        if self.adapters:  # without onnxruntime's warning per overridable initializer
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+        self.graph_session = ort_session(model_file, provider, options)
+        self.session = self.graph_session
+        self._loaded: dict[str, ort.LoraAdapter] = {}
+        self.adapter: str | None = None
+        self.use_adapter(adapter)
         self.cached = has_cache(self.session)  # a KV cache: generation feeds one token a step
         self.positions = position_limit(config)  # None: config.json names no limit, nothing is checked
 
     @classmethod
-    def from_dir(cls, folder: str | Path, provider: str = "cpu") -> OnnxPipeline:
+    def from_dir(cls, folder: str | Path, provider: str = "cpu", adapter: str | None = None) -> OnnxPipeline:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"export folder {folder} does not exist")
@@ -186,7 +197,19 @@ class OnnxPipeline:
                 raise ExportFolderError(f"{folder} has no .onnx file")
             task = task_from_outputs(folder, ort_session(candidates[0], provider).get_outputs())
         model_file = find_model_file(folder, task)
-        return cls(folder, task, config, tokenizer, model_file, provider)
+        return cls(folder, task, config, tokenizer, model_file, provider, adapter)
+
+    def use_adapter(self, name: str | None) -> None:
+        """Run the following calls with adapter ``name`` of an ``--adapters`` export active (each file is read once),
+        or with none (None: the base model). A batch never mixes adapters. Unknown names are an ExportFolderError
+        listing the folder's adapters."""
+        if name is not None and name not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none: it is not an --adapters export"
+            raise ExportFolderError(f"{self.folder}: no adapter {name!r} (adapters: {known})")
+        if name is not None and name not in self._loaded:
+            self._loaded[name] = load_adapter(self.adapters[name])
+        self.adapter = name
+        self.session = self.graph_session if name is None else AdapterSession(self.graph_session, self._loaded[name])
 
     # -- feeding the graph ---------------------------------------------------------------------------------------
 
@@ -303,6 +326,9 @@ def _parser() -> argparse.ArgumentParser:
                              "positions (with a warning); decoders refuse a prompt that leaves no room to generate")
     parser.add_argument("--text-pair", action="append", help="second segment per --text (classification)")
     parser.add_argument("--provider", default="cpu", help=f"one of {', '.join(PROVIDERS)} (default cpu)")
+    parser.add_argument("--adapter", metavar="NAME",
+                        help="an --adapters export: run with adapter NAME (its NAME.onnx_adapter) active; without it "
+                             "the base model runs")
     parser.add_argument("--max-new-tokens", type=positive_int, default=20,
                         help="causal LM: tokens to generate (>= 1); prompt tokens + this must fit the model's "
                              "positions (default 20)")
@@ -352,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     if empty:
         parser.error(f"--text number {', '.join(map(str, empty))} is empty; give the text to run")
     try:
-        pipeline = OnnxPipeline.from_dir(args.folder, provider=args.provider)
+        pipeline = OnnxPipeline.from_dir(args.folder, provider=args.provider, adapter=args.adapter)
         with _truncation_warnings_as_lines():
             _print_results(pipeline, args)
     except (FileNotFoundError, ProviderError, ExportFolderError, InputTooLongError) as err:

@@ -93,6 +93,11 @@ class AdapterLayer(nn.Module, ABC):
     """
 
     config_class: ClassVar[type[MethodConfig]]
+    # The adapter parameters whose zeros make delta(x) exactly 0 for every x, whatever the others hold: the default an
+    # unmerged graph serving many adapters falls back to when none is active (export.adapters). None when the method's
+    # unmerged form is no fixed graph with per-adapter tensors; ``not_swappable`` then says why.
+    noop_params: ClassVar[tuple[str, ...] | None] = None
+    not_swappable: ClassVar[str] = "it declares no adapter parameters whose zeros switch its path off (noop_params)"
 
     def __init__(self, base: nn.Module, config: MethodConfig, layer_name: str = "") -> None:
         super().__init__()

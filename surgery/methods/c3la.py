@@ -76,6 +76,9 @@ class C3LALayer(CLALayer):
     """x: (..., d_in) -> (..., d_out); cLA on the current window, finished links live in the base weight."""
 
     config_class = C3LAConfig
+    noop_params = None
+    not_swappable = ("its finished links are added into the base weight itself (W0[:, idx] += s B), so the base "
+                     "differs per checkpoint")
 
     def __init__(self, base: nn.Module, config: C3LAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -65,6 +65,7 @@ class CLALayer(AdapterLayer):
     """x: (..., d_in) -> (..., d_out); the adapter reads only x[..., idx]."""
 
     config_class = CLAConfig
+    noop_params = ("cla_B",)  # B = 0; the columns (cla_idx) are part of the graph and must agree between adapters
 
     def __init__(self, base: nn.Module, config: CLAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -90,6 +90,7 @@ class LoDALayer(AdapterLayer):
     """LoDA (``config.f2`` absent) or LoDA+ (``config.f2`` set) around a frozen base layer."""
 
     config_class = LoDAConfig
+    noop_params = ("loda_B",)  # B = 0: s B (u + f1(u)) = 0; LoDA+: s (B u + f2(B f1(u))) = f2(0) = 0
 
     def __init__(self, base: nn.Module, config: MethodConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
@@ -241,6 +242,10 @@ class ApproxLoDALayer(LoDALayer):
     approximation lives in non-persistent buffers, recomputed deterministically from the base at surgery time
     and hashed in the checkpoint through :meth:`derived_tensors`.
     """
+
+    noop_params = None
+    not_swappable = ("its frozen base is an approximation of W0 (low-rank or pruned), so with no adapter active the "
+                     "graph would not give the base model's outputs")
 
     def __init__(self, base: nn.Module, config: MethodConfig, layer_name: str = "",
                  approximation: Approximation | None = None) -> None:

@@ -23,6 +23,7 @@ class LoRAConfig(MethodConfig):
 
 class LoRALayer(AdapterLayer):
     config_class = LoRAConfig
+    noop_params = ("lora_B",)  # B = 0: s B A x = 0
 
     def __init__(self, base: nn.Module, config: LoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

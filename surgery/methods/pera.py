@@ -51,6 +51,7 @@ def dense_is_cheaper(n_tokens: int, d_in: int, d_out: int, rank: int) -> bool:
 
 class PERALayer(AdapterLayer):
     config_class = PERAConfig
+    noop_params = ("lora_B",)  # B = 0: B^ = [B, b_i * b_j] = 0
 
     def __init__(self, base: nn.Module, config: PERAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

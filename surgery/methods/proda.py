@@ -33,6 +33,7 @@ class ProDAConfig(MethodConfig):
 
 class ProDALayer(AdapterLayer):
     config_class = ProDAConfig
+    noop_params = ("lora_B", "profile_col", "profile_row")  # B = 0 and P = 0: every term of delta is 0
 
     def __init__(self, base: nn.Module, config: ProDAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
