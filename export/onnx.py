@@ -25,6 +25,7 @@ import math
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.adapters import AdapterSet, export_adapters
 from export.exporters import CAUSAL_LM, BACKEND_CHOICES, ExportedGraph, ExportError, export_model, model_task
 from export.fold import FoldError, LayerFold, fold_in_place, model_macs, unfolded_layers
 from export.outdir import FP16_DIR, check_out, clear_recorded, record_written
@@ -88,6 +90,7 @@ def export_checkpoint(
     quantize: str | None = None,
     block_size: int | None = None,
     max_quality_drop: float | None = None,
+    adapters: AdapterSet | None = None,
 ) -> dict[str, Any]:
     """Fold (``merge``), export, verify, measure and report one checkpoint; returns the report.
 
@@ -110,6 +113,8 @@ def export_checkpoint(
     step = Steps(log, total=(7 if latency else 6) + (2 if quantizing else 0))
     step("loading the checkpoint", f"{ckpt}")
     adapted = load_checkpoint(ckpt, model_path=model_path)
+    if adapters is not None:  # --adapters (export.adapters): the set's tensors kept, its baked tensors compared
+        adapters.check_loaded(adapted)
     config, model = adapted.config, adapted.model.eval()
     task = model_task(model)
     step("running the unfolded model", f"parity inputs {PARITY_SHAPES}"
@@ -123,14 +128,19 @@ def export_checkpoint(
     del adapted
     step("exporting", f"into {out}, weights in {dtype}")
     before = clear_recorded(out)
-    graph = export_model(model, out, opset, backend, task=task, log=step.detail, dtype=EXPORT_DTYPES[dtype])
+    with adapters.marked() if adapters is not None else nullcontext():
+        graph = export_model(model, out, opset, backend, task=task, log=step.detail, dtype=EXPORT_DTYPES[dtype])
     variant = fp16_variant_from(model, graph) if fp16_check and dtype != "fp16" else None
     report = base_report(ckpt, config, graph, merge, dtype, layers, model_macs(model, layers))
     del model  # the PyTorch model goes before onnxruntime opens the export
     release_memory()
     save_tokenizer(config, out, step.detail)
     step("verifying", f"onnxruntime vs the unfolded PyTorch model at {tolerance.atol:g} / {tolerance.rtol:g}")
-    parity = verify_export(graph, reference, tolerance)
+    if adapters is None:
+        parity = verify_export(graph, reference, tolerance)
+    else:  # swappable inputs, one adapter file per checkpoint, each adapter and the base verified
+        parity = adapters.finish(graph, reference, tolerance, step.detail)
+        report["adapters"] = adapters.section(out)
     report["parity"] = parity.as_dict()
     if not parity.passed:
         fail(report, out, parity.failure() or "parity failed", before)
@@ -417,8 +427,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("checkpoint", type=Path, help="checkpoint folder written by surgery/training "
-                        "(adapter.safetensors, surgery.yaml, checkpoint.json)")
+    parser.add_argument("checkpoint", type=Path, nargs="+", help="checkpoint folder written by surgery/training "
+                        "(adapter.safetensors, surgery.yaml, checkpoint.json); several only with --adapters")
+    parser.add_argument("--adapters", action="store_true",
+                        help="one unfolded base graph whose adapter tensors are swappable inputs, plus one "
+                             "NAME.onnx_adapter per checkpoint (NAME: its folder's name) for onnxruntime's "
+                             "RunOptions.add_active_adapter; the checkpoints must share base model, method, settings "
+                             "and layers (export.adapters; default --out CKPT/onnx_adapters; fp32, no latency step: "
+                             "benchmarks/bench_adapters.py measures it)")
     parser.add_argument("--merge", action="store_true",
                         help="fold the adapters (METHODS.md): fully mergeable layers become plain Linear/Conv1D, "
                              "others the folded weight plus their residual path; without it the unfolded adapter "
@@ -462,19 +478,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --quantize: fail when the quantized export loses more than X against the fp32 "
                              "export on the checkpoint's eval data: seq-cls accuracy points, causal-LM perplexity "
                              "increase in percent")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.checkpoint) > 1 and not args.adapters:
+        parser.error(f"{len(args.checkpoint)} checkpoints given; several checkpoints export together only with "
+                     f"--adapters (one base graph and an adapter file each); export one at a time otherwise")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        report = export_checkpoint(
-            args.checkpoint, args.out, merge=args.merge, opset=args.opset, dtype=args.dtype,
-            max_overhead=args.max_overhead, backend=args.backend, model_path=args.model_path,
-            base_onnx=args.base_onnx, latency=not args.no_latency, fp16_check=not args.no_fp16_check,
-            overwrite=args.overwrite,
-            quantize=args.quantize, block_size=args.block_size, max_quality_drop=args.max_quality_drop,
-        )
+        report = run_export(args)
     except ExportFailed as failure:
         print(summary(failure.report))
         print(f"error: {failure}", file=sys.stderr)
@@ -487,6 +501,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary(report))
     return 0
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    """export_checkpoint, or with --adapters export.adapters' wrapper around it."""
+    if args.adapters:
+        if (args.merge or args.max_overhead is not None or args.base_onnx is not None
+                or getattr(args, "quantize", None)):
+            raise ValueError("--adapters exports the unfolded float32 graph without a latency step: drop --merge, "
+                             "--max-overhead, --base-onnx and --quantize")
+        return export_adapters(args.checkpoint, args.out, opset=args.opset, dtype=args.dtype, backend=args.backend,
+                               model_path=args.model_path, overwrite=args.overwrite)
+    return export_checkpoint(
+        args.checkpoint[0], args.out, merge=args.merge, opset=args.opset, dtype=args.dtype,
+        max_overhead=args.max_overhead, backend=args.backend, model_path=args.model_path,
+        base_onnx=args.base_onnx, latency=not args.no_latency, fp16_check=not args.no_fp16_check,
+        overwrite=args.overwrite,
+        quantize=args.quantize, block_size=args.block_size, max_quality_drop=args.max_quality_drop,
+    )
 
 
 if __name__ == "__main__":

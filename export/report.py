@@ -32,6 +32,7 @@ def markdown(report: dict[str, Any]) -> str:
         _parity(report.get("parity")),
         _latency(report.get("latency")),
         _quantization(report.get("quantization")),
+        _adapters(report.get("adapters")),
         _layers(report["layers"]),
         _tensorrt(report.get("tensorrt")),
     ]
@@ -160,6 +161,18 @@ def quantization_lines(section: dict[str, Any]) -> list[str]:
 
 
 # ---- console summary ----------------------------------------------------------------------------------------------
+def _adapters(adapters: dict[str, Any] | None) -> str:
+    """An --adapters export: each adapter's file and size (export.adapters)."""
+    if not adapters:
+        return ""
+    lines = ["## Adapters", "", f"One graph, {len(adapters['inputs'])} swappable inputs (their defaults: no adapter, "
+             f"the base model); one file per checkpoint, verified with it active.", "",
+             "| adapter | file | bytes | checkpoint |", "|---|---|---:|---|"]
+    lines += [f"| {name} | {entry['file']} | {entry['bytes']:,} | {entry['checkpoint']} |"
+              for name, entry in adapters["adapters"].items()]
+    return "\n".join(lines)
+
+
 def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal after an export."""
     parity = report.get("parity")
@@ -179,6 +192,9 @@ def summary(report: dict[str, Any]) -> str:
                      f"overhead {latency['overhead']:.3f}")
     if report.get("quantization"):
         lines += [f"  quantized: {line}" for line in quantization_lines(report["quantization"])]
+    if report.get("adapters"):
+        lines.append(f"  adapters: {', '.join(report['adapters']['adapters'])} (--adapter NAME in export.run; "
+                     f"{len(report['adapters']['inputs'])} swappable inputs each, listed in adapters.json)")
     lines.append(f"  MACs/token: {report['macs_per_token']:,} (base {report['base_macs_per_token']:,})")
     trt = report.get("tensorrt")
     if trt:
