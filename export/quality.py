@@ -5,7 +5,9 @@ tolerance); it is checked on the task, on the checkpoint's own eval data (``trai
 of ``train.data.train`` that training used; paths as the config names them, relative to the working directory):
 
 - seq-cls: the share of eval rows whose predicted label agrees with the fp32 export's, and both exports' accuracy
-  against the rows' labels. The quality drop is the accuracy lost, in points;
+  against the rows' labels (and, for information, the largest and mean |logit - fp32 logit|). The quality drop is
+  the accuracy lost, in points. Dynamic int8 scales each activation over the whole batch, so a row's logits depend
+  a little on the rows batched with it: batches of 32 rows in file order;
 - causal LM: perplexity of both exports on the eval texts (every token after the first), and the share of greedy
   tokens that agree (20 new tokens after each of the first prompts, end-of-sequence suppressed so every row has all
   20; position by position). The quality drop is the perplexity increase in percent (ratio 1.05 -> 5);
@@ -119,11 +121,14 @@ def random_batches(vocab: int, rows: int, seq: int) -> list[dict[str, np.ndarray
 def seq_cls_quality(fp32: Path, quantized: Path, batches: list[dict[str, np.ndarray]],
                     labels: list[int] | None) -> dict[str, Any]:
     """Label agreement, and accuracy of both exports when the rows have labels."""
-    predicted = {name: np.concatenate([logits.argmax(-1) for logits in run_batches(path, batches, "logits")])
-                 for name, path in (("fp32", fp32), ("quantized", quantized))}
+    logits = {name: np.concatenate(run_batches(path, batches, "logits"))
+              for name, path in (("fp32", fp32), ("quantized", quantized))}
+    predicted = {name: values.argmax(-1) for name, values in logits.items()}
+    difference = np.abs(logits["quantized"].astype(np.float64) - logits["fp32"])
     result: dict[str, Any] = {
         "rows": int(predicted["fp32"].size),
         "label_agreement": float((predicted["fp32"] == predicted["quantized"]).mean()),
+        "logit_max_abs_diff": float(difference.max()), "logit_mean_abs_diff": float(difference.mean()),
         "accuracy_fp32": None, "accuracy_quantized": None, "accuracy_delta_points": None, "drop": None,
     }
     if labels is not None:
