@@ -5,6 +5,7 @@
     python -m benchmarks.bench_inference --methods lora,proda --rounds 20
     python -m benchmarks.bench_inference --threads 1 --clock cpu   # steadier on a busy machine
     python -m benchmarks.bench_inference --quick              # lora and r_loda on MiniLM, few rounds, results/tmp/
+    python -m benchmarks.bench_inference --model minilm --methods proda --proda-groups both   # grouped vs per layer
 
 For each model the base model is exported once (``export.exporters.export_model``, the backend and opset a folded
 export gets). For each method a checkpoint with random adapters (std 0.02: non-trivial, outputs stay sane) is folded,
@@ -76,6 +77,7 @@ QUICK_METHODS = ("lora", "r_loda")
 FULLY_FOLDED = ("lora", "pera", "cla", "c3la")  # the issue's <= 1.02 targets
 FOLDED_LIMIT, PRODA_LIMIT, R_LODA_LIMIT = 1.02, 1.10, 0.8
 CONTROL = "A/A control"  # the base export against itself
+PRODA_PER_LAYER = "proda (per layer)"  # ProDA with group_siblings: false (--proda-groups off | both)
 ORT_ROUNDS = (4, 20, 40.0)  # default rounds of an ORT pair: as many as fit 40 s, within [4, 20]
 TORCH_ROUNDS = (2, 10, 15.0)  # a PyTorch pair (no target on it): as many as fit 15 s, within [2, 10]
 PROVIDER = {"cpu": "cpu", "cuda": "cuda"}  # --device -> export.latency provider (cuda needs onnxruntime-gpu)
@@ -245,15 +247,16 @@ def measure_control(model: BenchModel, base_file: Path, vocab: int, args: argpar
     return rows
 
 
-def ort_columns(timings: Timings) -> dict[str, Any]:
+def ort_columns(timings: Timings, name: str = "ort") -> dict[str, Any]:
+    """The columns of the export timed as ``name`` against ``base_ort`` (``ort_samples_ms``: every candidate's)."""
     return {
-        "ort_ms": timings.median("ort"),
+        "ort_ms": timings.median(name),
         "base_ort_ms": timings.median("base_ort"),
-        "overhead": timings.ratio("ort", "base_ort"),
-        "overhead_of_medians": timings.median("ort") / timings.median("base_ort"),
-        "ort_spread": timings.spread("ort"),
+        "overhead": timings.ratio(name, "base_ort"),
+        "overhead_of_medians": timings.median(name) / timings.median("base_ort"),
+        "ort_spread": timings.spread(name),
         "base_ort_spread": timings.spread("base_ort"),
-        "ort_rounds": len(timings.samples_ms["ort"]),
+        "ort_rounds": len(timings.samples_ms[name]),
         "ort_samples_ms": timings.samples_ms,
     }
 
@@ -265,33 +268,55 @@ def graph_signature(path: Path) -> tuple[tuple[str, ...], tuple[tuple[int, ...],
     return tuple(node.op_type for node in graph.node), tuple(initializers)
 
 
+def method_variants(method: str, model: BenchModel, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Row label -> ``method:`` settings. ProDA with ``--proda-groups off`` is its per-layer form (group_siblings:
+    false); with ``both``, the grouped and the per-layer form, timed in one round-robin with the base."""
+    settings = method_settings(method, model)
+    if method != "proda" or args.proda_groups == "on":
+        return {method: settings}
+    per_layer = {**settings, "group_siblings": False}
+    if args.proda_groups == "off":
+        return {PRODA_PER_LAYER: per_layer}
+    return {method: settings, PRODA_PER_LAYER: per_layer}
+
+
 def measure_method(model: BenchModel, model_config: ModelConfig, method: str, base: ExportedGraph, vocab: int,
                    scratch: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One row per batch size for ``method`` (or one row with the error when fold or verification failed)."""
-    settings = method_settings(method, model)
-    folder = scratch / method
-    print(f"  {model.name} / {method}: fold, export, verify", flush=True)
-    try:
-        exported = export_method(model_config, settings, base, folder, log=lambda line: print(f"    {line}"),
-                                 targets=args.targets)
-    except (ExportFailed, FoldError) as error:
-        print(f"  {model.name} / {method}: FAILED: {error}", flush=True)
-        return [{"model": model.name, "method": method, "settings": settings_text(settings), "error": str(error)}]
-    same_graph = graph_signature(exported.graph_file) == graph_signature(base.model_file)
-    sessions = ort_sessions({"ort": exported.graph_file, "base_ort": base.model_file}, args)
+    """One row per batch size for each variant of ``method`` (or one row with the error when fold or verification
+    failed). Several variants (ProDA grouped and per layer) run round-robin with the base in one session set, so
+    their export / base ratios come from the same rounds."""
+    exported: dict[str, Exported] = {}
+    variants = method_variants(method, model, args)
+    for label, settings in variants.items():
+        folder = scratch / f"{method}_{len(exported)}"
+        print(f"  {model.name} / {label}: fold, export, verify", flush=True)
+        try:
+            exported[label] = export_method(model_config, settings, base, folder,
+                                            log=lambda line: print(f"    {line}"), targets=args.targets)
+        except (ExportFailed, FoldError) as error:
+            print(f"  {model.name} / {label}: FAILED: {error}", flush=True)
+            return [{"model": model.name, "method": label, "settings": settings_text(settings), "error": str(error)}]
+    names = {label: "ort" if i == 0 else f"ort_{i}" for i, label in enumerate(exported)}
+    sessions = ort_sessions({**{names[label]: e.graph_file for label, e in exported.items()},
+                             "base_ort": base.model_file}, args)
+    same_graph = {label: graph_signature(e.graph_file) == graph_signature(base.model_file)
+                  for label, e in exported.items()}
     rows = []
     for batch in args.batches:
         feed = prefill_feed(sessions["ort"], vocab, batch)
-        ort_timings, torch_timings = time_ort(sessions, feed, args), time_torch(exported, feed, args)
-        row = result_row(model, method, settings, batch, ort_timings, torch_timings, exported, same_graph)
-        rows.append(row)
-        print(f"  {model.name} / {method} batch {batch}: ORT {row['ort_ms']:.2f} ms, base {row['base_ort_ms']:.2f} "
-              f"ms, overhead {row['overhead']:.3f} ({row['ort_rounds']} rounds); torch unfolded "
-              f"{row['torch_unfolded_ms']:.2f} ms, folded {row['torch_folded_ms']:.2f} ms "
-              f"({row['torch_rounds']} rounds)", flush=True)
+        ort_timings = time_ort(sessions, feed, args)
+        for label, one in exported.items():
+            row = result_row(model, label, variants[label], batch, ort_timings, time_torch(one, feed, args), one,
+                             same_graph[label], names[label])
+            rows.append(row)
+            print(f"  {model.name} / {label} batch {batch}: ORT {row['ort_ms']:.2f} ms, base "
+                  f"{row['base_ort_ms']:.2f} ms, overhead {row['overhead']:.3f} ({row['ort_rounds']} rounds); torch "
+                  f"unfolded {row['torch_unfolded_ms']:.2f} ms, folded {row['torch_folded_ms']:.2f} ms "
+                  f"({row['torch_rounds']} rounds)", flush=True)
     del exported, sessions
     gc.collect()
-    shutil.rmtree(folder, ignore_errors=True)  # GPT-2 exports are 0.5 GB each
+    for i in range(len(variants)):
+        shutil.rmtree(scratch / f"{method}_{i}", ignore_errors=True)  # GPT-2 exports are 0.5 GB each
     return rows
 
 
@@ -300,7 +325,7 @@ def settings_text(settings: dict[str, Any]) -> str:
 
 
 def result_row(model: BenchModel, method: str, settings: dict[str, Any], batch: int, ort_timings: Timings,
-               torch_timings: Timings, exported: Exported, same_graph: bool) -> dict[str, Any]:
+               torch_timings: Timings, exported: Exported, same_graph: bool, ort_name: str = "ort") -> dict[str, Any]:
     report, parity = exported.report, exported.report["parity"]
     layers = report["layers"]
     return {
@@ -309,7 +334,7 @@ def result_row(model: BenchModel, method: str, settings: dict[str, Any], batch: 
         "settings": settings_text(settings),
         "batch": batch,
         "seq": SEQ,
-        **ort_columns(ort_timings),
+        **ort_columns(ort_timings, ort_name),
         "torch_unfolded_ms": torch_timings.median("torch_unfolded"),
         "torch_folded_ms": torch_timings.median("torch_folded"),
         "torch_folded_vs_unfolded": torch_timings.ratio("torch_folded", "torch_unfolded"),
@@ -479,6 +504,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="all-linear (default) or comma-separated layer names, e.g. query,value (ProDA's and the "
                              "demo's setting); other than all-linear, results go to inference_MODEL_NAMES.*")
     parser.add_argument("--out-dir", type=Path, help="default benchmarks/results (quick: benchmarks/results/tmp)")
+    parser.add_argument("--proda-groups", choices=["on", "off", "both"], default="on",
+                        help="ProDA's sibling groups (method.group_siblings): on (default), off (the per-layer "
+                             f"residual, row '{PRODA_PER_LAYER}'), or both, timed in the same rounds")
     args = parser.parse_args(argv)
     args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
     unknown = sorted(set(args.methods) - set(METHODS))

@@ -17,7 +17,9 @@ folded static part plus a residual). Here, generically and without knowing metho
 - ``fold_in_place`` replaces the layers of the model itself, one at a time (the export's way: one copy of the
   weights); ``fold_model`` builds a new module tree that shares every tensor the fold did not touch (embeddings,
   norms, heads), so the unfolded model stays usable beside it;
-- folding a model without adapter layers (an already folded one) does nothing.
+- folding a model without adapter layers (an already folded one) does nothing;
+- once every layer is folded, folded siblings that read one input and declare it (``surgery.groups``) are linked so
+  that they compute their shared first projection once.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from export.weights import release_pages
+from surgery.groups import link_sibling_groups
 from surgery.layers import ADAPTABLE_TYPES, is_adaptable, layer_dims, weight_out_in
 from surgery.methods.base import AdapterLayer, ApproximatedLayer
 from surgery.rewrite import AdaptedModel, adapter_layers
@@ -119,6 +122,7 @@ def fold_in_place(model: nn.Module, seed: int = 0, check_tokens: int = CHECK_TOK
         del layer
         model.set_submodule(name, replacement)
         records.append(record)
+    link_sibling_groups(model)  # folded siblings reading one input share their first projection (surgery.groups)
     return records
 
 

@@ -18,14 +18,14 @@ Fold: ``y = [U_R | s B] [V_R ; A] x + b + residual`` as :class:`LowRankLoDAFold`
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
+from surgery.groups import InputMemo
 from surgery.layers import layer_bias, weight_out_in
 from surgery.methods.base import ApproximatedLayer, Fold, Macs, MethodConfig, require
 from surgery.methods.loda import (
@@ -65,45 +65,20 @@ def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return U * root, root.unsqueeze(1) * Vh
 
 
-class GroupProjection:
-    """``V_R x`` for the members of one qkv group, computed once per input.
+class GroupProjection(InputMemo):
+    """``V_R x`` for the members of one qkv group, computed once per input (``surgery.groups.InputMemo``).
 
     The attention calls q, k and v one after another on the same hidden states, and they share ``V_R``: the first
     call computes ``V_R x``, the others reuse it, the last releases it. Exact: the same product of the same tensors.
     The memo is keyed on the identity and version of ``x`` and of ``V_R``, on grad mode and on autocast, so another
-    input (cross-attention's k and v, the next step, a cast copy of ``V_R``) computes anew. It is one tuple, read and
-    replaced whole, so replicas sharing it in threads can miss, never mix. A copy or a pickle starts empty (the
-    copies of one group's members still share one).
+    input (cross-attention's k and v, the next step, a cast copy of ``V_R``) computes anew; inference tensors (no
+    version counter) compute alone. A copy or a pickle starts empty (the copies of one group's members still share
+    one).
     """
 
-    def __init__(self, members: int) -> None:
-        self.members = members
-        self._entry: tuple[Any, ...] | None = None  # (x ref, V_R ref, key, V_R x, uses left)
-
-    def __call__(self, x: torch.Tensor, V_R: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, V_R: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         # x: (..., d_in) -> (..., R)
-        if x.is_inference() or V_R.is_inference():  # no version counters to key on
-            return F.linear(x, V_R)
-        device = x.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        key = (x._version, V_R._version, torch.is_grad_enabled(), autocast)
-        entry = self._entry
-        if entry is not None and entry[0]() is x and entry[1]() is V_R and entry[2] == key:
-            uses_left = entry[4] - 1
-            self._entry = (*entry[:4], uses_left) if uses_left > 0 else None
-            return entry[3]
-        projected = F.linear(x, V_R)
-        self._entry = (weakref.ref(x), weakref.ref(V_R), key, projected, self.members - 1)
-        return projected
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> GroupProjection:
-        return GroupProjection(self.members)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"members": self.members}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.members, self._entry = state["members"], None
+        return super().__call__(x, (V_R,), lambda: F.linear(x, V_R))
 
 
 class SharesProjection:

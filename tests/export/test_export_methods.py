@@ -117,7 +117,7 @@ def compute_ops(path: Path, scopes: list[str]) -> tuple[list[Counter], Counter]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_proda_graph_adds_exactly_the_fused_residual_per_layer(arch: str, exported, bases) -> None:
-    report = exported("proda", arch)
+    report = exported("proda", arch, group_siblings=False)  # the grouped form: tests/surgery/test_proda_groups.py
     scopes = [scope_of(layer["name"]) for layer in report["layers"]]
     ours, ours_rest = compute_ops(report["out"] / "model.onnx", scopes)
     base, base_rest = compute_ops(bases[arch][1], scopes)
