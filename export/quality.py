@@ -10,7 +10,8 @@ of ``train.data.train`` that training used; paths as the config names them, rela
   a little on the rows batched with it: batches of 32 rows in file order;
 - causal LM: perplexity of both exports on the eval texts (every token after the first), and the share of greedy
   tokens that agree (20 new tokens after each of the first prompts, end-of-sequence suppressed so every row has all
-  20; position by position). The quality drop is the perplexity increase in percent (ratio 1.05 -> 5);
+  20; position by position, and how many tokens stay identical before the first difference). The quality drop is
+  the perplexity increase in percent (ratio 1.05 -> 5);
 - feature extraction: the cosine similarity of the mean-pooled embeddings; the drop is 100 x (1 - the mean).
 
 Texts are cut to ``train.data.max_length`` (what training evaluated) and the model's positions. A checkpoint with no
@@ -170,13 +171,18 @@ def causal_lm_quality(fp32: Path, quantized: Path, rows: list[np.ndarray]) -> di
     for name, path in (("fp32", fp32), ("quantized", quantized)):
         ppl[name] = perplexity(run_batches(path, batches, "logits"), rows)
         tokens[name] = greedy_tokens(path, prompts)
-    agree = [float((a == b).mean()) for a, b in zip(tokens["fp32"], tokens["quantized"], strict=True)]
+    pairs = list(zip(tokens["fp32"], tokens["quantized"], strict=True))
+    agree = [float((a == b).mean()) for a, b in pairs]
+    # tokens before the first difference: after it the two continue different texts, so position-wise agreement
+    # also counts the consequences of one near-tie
+    prefix = [int(np.argmin(a == b)) if (a != b).any() else a.size for a, b in pairs]
     ratio = ppl["quantized"] / ppl["fp32"]
     return {
         "rows": len(rows), "tokens": int(sum(ids.size - 1 for ids in rows)),
         "perplexity_fp32": ppl["fp32"], "perplexity_quantized": ppl["quantized"], "perplexity_ratio": ratio,
         "greedy_prompts": len(prompts), "greedy_new_tokens": GREEDY_NEW,
-        "greedy_agreement": float(np.mean(agree)), "drop": max(0.0, 100 * (ratio - 1)),
+        "greedy_agreement": float(np.mean(agree)), "greedy_identical_prefix": float(np.mean(prefix)),
+        "drop": max(0.0, 100 * (ratio - 1)),
         "drop_unit": "percent perplexity increase",
     }
 
@@ -210,7 +216,8 @@ def task_quality(graph: ExportedGraph, fp32_file: Path, config: Any, log: Log) -
                 else [b["input_ids"][0] for b in random_batches(vocab, RANDOM_ROWS, RANDOM_SEQ)])
         result = causal_lm_quality(fp32_file, graph.model_file, rows)
         log(f"perplexity {result['perplexity_fp32']:.4g} -> {result['perplexity_quantized']:.4g} "
-            f"(x{result['perplexity_ratio']:.4f}), greedy tokens agreeing {result['greedy_agreement']:.1%}")
+            f"(x{result['perplexity_ratio']:.4f}), greedy tokens agreeing {result['greedy_agreement']:.1%} "
+            f"(identical for the first {result['greedy_identical_prefix']:.1f} of {GREEDY_NEW} on average)")
     else:
         batches = (encoder_batches(records, tokenizer, limit) if records
                    else random_batches(vocab, RANDOM_ROWS, RANDOM_SEQ))

@@ -152,7 +152,8 @@ def quantization_lines(section: dict[str, Any]) -> list[str]:
     if quality.get("perplexity_ratio") is not None:
         lines.append(f"perplexity {quality['perplexity_fp32']:.4g} -> {quality['perplexity_quantized']:.4g} "
                      f"(x{quality['perplexity_ratio']:.4f}); greedy tokens agreeing "
-                     f"{quality['greedy_agreement']:.1%}")
+                     f"{quality['greedy_agreement']:.1%} (identical for the first "
+                     f"{quality.get('greedy_identical_prefix', float('nan')):.1f} of {quality['greedy_new_tokens']})")
     if quality.get("cosine_mean") is not None:
         lines.append(f"embedding cosine vs fp32: mean {quality['cosine_mean']:.5f}, min {quality['cosine_min']:.5f}")
     if quality:
