@@ -11,10 +11,14 @@ each fold checked against its layer); export with torch.onnx, weights streamed t
 KV cache; optimum-onnx instead where the [optimum] extra is installed and knows the architecture); free the PyTorch
 model; check onnxruntime against the recorded outputs (a cached step and greedy decoding for decoders); measure
 latency against the base model exported the same way, one session at a time; check TensorRT readiness and an fp16
-variant; write ``export_report.json`` and ``EXPORT_REPORT.md`` into the output folder.
+variant; write ``export_report.json`` and ``EXPORT_REPORT.md`` into the output folder. With ``--quantize`` the
+verified fp32 graph is quantized in its place after verification (``export.quantize``: residual paths stay float32)
+and checked on the task against it (``export.quality``); the latency step then times the quantized graph against the
+fp32 base export, and no fp16 variant is made.
 
 Exit status: 0 when every check passed; 1 when a check failed: parity, greedy decoding, the fp16 variant,
-``--max-overhead`` or ``--max-quality-drop`` (the report is written, with the error), or a layer's fold beyond tolerance (nothing is exported);
+``--max-overhead`` or ``--max-quality-drop`` (the report is written, with the error), or a layer's fold beyond
+tolerance (nothing is exported);
 2 when the inputs cannot be used (checkpoint, base model, options, an architecture the chosen backend cannot export).
 """
 

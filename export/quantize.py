@@ -278,10 +278,21 @@ def quantize_int8(prepared: Path, target: Path, exclude: list[str], large: bool)
 def quantize_int4(prepared: Path, target: Path, exclude: list[str], block_size: int, large: bool) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")  # INFO: one line per MatMul
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        quantize_nbits(MatMulNBitsQuantizer, prepared, target, exclude, block_size, large)
+    finally:
+        chatty.setLevel(level)
+
+
+def quantize_nbits(quantizer_class: type, prepared: Path, target: Path, exclude: list[str], block_size: int,
+                   large: bool) -> None:
     model = onnx.load(str(prepared))
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=INT4_ACCURACY_LEVEL, nodes_to_exclude=exclude,
-                                     op_types_to_quantize=("MatMul",))
+    quantizer = quantizer_class(model, bits=4, block_size=block_size, is_symmetric=True,
+                                accuracy_level=INT4_ACCURACY_LEVEL, nodes_to_exclude=exclude,
+                                op_types_to_quantize=("MatMul",))
     quantizer.process()
     del model
     quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
