@@ -304,3 +304,14 @@ def test_an_unknown_quantization_is_refused_by_the_parser(bert_ckpt: Path, capsy
         main([str(bert_ckpt), "--merge", "--quantize", "int3"])
     assert exit_info.value.code == 2
     assert "--quantize: invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_int8_decoder_quantizes_gpt2_conv1d_layers(root: Path, gpt2_ckpt: Path) -> None:
+    """GPT-2's Conv1D layers export as Gemm, which onnxruntime's dynamic int8 skips: they are rewritten as MatMul +
+    Add first, so they are quantized like every other linear layer."""
+    report = export_checkpoint(gpt2_ckpt, root / "gpt2_int8", quantize="int8", **FAST)
+    ops = report["quantization"]["ops"]
+    assert "Gemm" not in ops and ops["MatMulInteger"] >= 8  # 2 blocks x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    assert report["quantization"]["quality"]["perplexity_ratio"] > 0
+    pipeline = OnnxPipeline.from_dir(root / "gpt2_int8")
+    assert pipeline.generate_ids(np.array([[4, 5, 6]]), max_new_tokens=4).shape == (1, 4)
