@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +95,9 @@ def member(folder: Path, model_path: str | None) -> Member:
     return Member(folder, folder.resolve().name, read_config(folder, model_path), read_manifest(folder))
 
 
-def graph_settings(member: Member) -> dict[str, Any]:
+def graph_settings(checkpoint: Member) -> dict[str, Any]:
     """What the shared graph depends on, by the name a user knows it by."""
-    config, manifest = member.config, member.manifest
+    config, manifest = checkpoint.config, checkpoint.manifest
     method = {k: v for k, v in config.method.model_dump().items() if k not in (*TRAINING_ONLY, "name")}
     return {  # in the order they are compared: the first difference found is the one reported
         "model.task": config.model.task,
@@ -208,7 +208,8 @@ class AdapterSet:
             yield
 
     # -- stage 3: after the export -------------------------------------------------------------------------------------
-    def finish(self, graph: ExportedGraph, reference: Reference, tolerance: Tolerance, log: Any) -> Parity:
+    def finish(self, graph: ExportedGraph, reference: Reference, tolerance: Tolerance,
+               log: Callable[[str], None]) -> Parity:
         """Swappable inputs with no-op defaults, one adapter file per checkpoint, every adapter verified; returns one
         Parity over them all (case names prefixed by the adapter)."""
         slots = locate(graph.model_file, marker_layout(self.swappable))
@@ -461,7 +462,7 @@ def quiet_options() -> ort.SessionOptions:
 
 # ---- verification -------------------------------------------------------------------------------------------------
 def verify_adapters(graph: ExportedGraph, references: dict[str, Reference], base_reference: Reference,
-                    tolerance: Tolerance, log: Any) -> Parity:
+                    tolerance: Tolerance, log: Callable[[str], None]) -> Parity:
     """Each adapter active against its checkpoint's PyTorch outputs, then no adapter against the base model's."""
     session = ort_session(graph.model_file, "cpu", quiet_options())
     parity = Parity(tolerance)

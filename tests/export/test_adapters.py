@@ -17,18 +17,25 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.adapters import ADAPTERS_FILE, AdapterSession, AdapterSetError, export_adapters, load_adapter, quiet_options
+from export.adapters import (ADAPTERS_FILE, AdapterSession, AdapterSetError, export_adapters, load_adapter,
+                             quiet_options)
 from export.decode import greedy
 from export.onnx import export_checkpoint, main
 from export.run import ExportFolderError, OnnxPipeline
 from export.run import main as run_main
 from export.verify import compare, onnx_feed, sample_inputs
+from surgery.checkpoint import save_checkpoint
+from surgery.config import ModelConfig, parse_config
 from surgery.methods import METHODS
 from surgery.model import load_model
 from surgery.rewrite import apply_surgery
-from surgery.config import parse_config
 from surgery.tolerances import MODEL
-from tests.export.checkpoints import make_checkpoint, save_lively_base, single_torch_thread  # noqa: F401
+from tests.export.checkpoints import (  # noqa: F401  (single_torch_thread: a fixture)
+    adapted_model,
+    make_checkpoint,
+    save_lively_base,
+    single_torch_thread,
+)
 from tests.fs import tree_digest
 from tests.method_configs import small_method
 
@@ -134,8 +141,6 @@ def test_each_adapter_matches_its_folded_export(which: str, request: pytest.Fixt
 def test_no_adapter_is_the_base_model(decoder_set, bases: dict[str, Path]) -> None:
     """The decoder has no trained head, so the base model is the plain pretrained model: PyTorch's logits."""
     _, out, _ = decoder_set
-    from surgery.config import ModelConfig
-
     model = load_model(ModelConfig(name_or_path=str(bases["llama"]), task="causal-lm")).eval()
     for batch, seq in SHAPES:
         inputs = sample_inputs(128, batch, seq, 4)
@@ -268,9 +273,6 @@ def test_refuses_checkpoints_of_different_base_models(mismatch_root, bases, caps
 
 
 def test_refuses_checkpoints_of_different_targets(mismatch_root, bases, capsys) -> None:
-    from surgery.checkpoint import save_checkpoint
-    from tests.export.checkpoints import adapted_model
-
     first = make_checkpoint(bases["bert"], "lora", mismatch_root / "a", "bert")
     query_only = save_checkpoint(adapted_model(bases["bert"], "lora", "seq-cls", ["query"]), mismatch_root / "b")
     message = refused([first, query_only], mismatch_root, "differ in adapted layers", capsys)
