@@ -4,6 +4,7 @@
     python -m export.onnx runs/demo                               # the unfolded adapter graph (for comparison)
     python -m export.onnx runs/demo --merge --dtype fp16 --max-overhead 1.2 --out exported/
     python -m export.onnx runs/demo --merge --quantize int8 --max-quality-drop 1   # int8 after the fold
+    python -m export.onnx runs/a runs/b --adapters --out served/  # one graph + a.onnx_adapter, b.onnx_adapter
 
 Steps, one copy of the weights at a time: load the checkpoint onto its untouched base model (memory-mapped); run the
 unfolded model on the verification inputs and keep only its outputs; fold every adapter layer in place (``--merge``;
