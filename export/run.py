@@ -1,6 +1,7 @@
 """Run an exported folder: classify, generate or embed text with onnxruntime.
 
     python -m export.run DIR --text "..." [--text-pair "..."] [--provider cpu|cuda|tensorrt] [--max-new-tokens N]
+    python -m export.run DIR --adapter NAME --text "..."     # an --adapters export with NAME.onnx_adapter active
 
 DIR holds ``model.onnx`` (or optimum's ``decoder_*.onnx`` files), ``config.json``, the tokenizer files and optionally
 ``generation_config.json`` and ``export_report.json``. The task comes from the report's ``task``, else from
