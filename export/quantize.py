@@ -298,6 +298,25 @@ def quantize_nbits(quantizer_class: type, prepared: Path, target: Path, exclude:
     quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
 
 
+def name_external_data(model_file: Path) -> None:
+    """Give the quantizers' external data file (``model.onnx.data``) the exporter's name, ``model.onnx_data``: the
+    file is renamed and the graph's references rewritten (the weights are not read)."""
+    wanted = model_file.name + "_data"
+    model = onnx.load(str(model_file), load_external_data=False)
+    locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    if not locations or locations == {wanted}:
+        return
+    if len(locations) > 1:
+        raise QuantizeError(f"{model_file}: the quantizer wrote its weights into several files ({sorted(locations)})")
+    (model_file.parent / locations.pop()).replace(model_file.parent / wanted)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = wanted
+    onnx.save(model, str(model_file))
+
+
 def op_counts(model_file: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in onnx.load(str(model_file), load_external_data=False).graph.node:
@@ -324,7 +343,9 @@ def quantize_export(graph: ExportedGraph, fp32_file: Path, layers: list[LayerFol
         quantize_int8(prepared, target, exclude, large)
     else:
         quantize_int4(prepared, target, exclude, options.block_size, large)
-    if not large:
+    if large:
+        name_external_data(target)
+    else:
         (graph.folder / EXTERNAL_DATA_FILE).unlink(missing_ok=True)
     fp32_bytes, quantized_bytes = model_bytes(fp32_file), model_bytes(target)
     log(f"{options.kind}: {quantized_bytes / 2**20:,.1f} MiB, {quantized_bytes / fp32_bytes:.3f}x the fp32 export's "

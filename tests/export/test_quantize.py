@@ -315,3 +315,18 @@ def test_int8_decoder_quantizes_gpt2_conv1d_layers(root: Path, gpt2_ckpt: Path) 
     assert report["quantization"]["quality"]["perplexity_ratio"] > 0
     pipeline = OnnxPipeline.from_dir(root / "gpt2_int8")
     assert pipeline.generate_ids(np.array([[4, 5, 6]]), max_new_tokens=4).shape == (1, 4)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_large_export_keeps_its_weights_in_model_onnx_data(root: Path, gpt2_ckpt: Path, kind: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past protobuf's 2 GiB (here: any size) every intermediate and the quantized graph keep their weights in an
+    external file, the exporter's ``model.onnx_data`` (onnxruntime's quantizers write ``model.onnx.data``)."""
+    monkeypatch.setattr(quantize_module, "PROTOBUF_SAFE_BYTES", 0)
+    out = root / f"gpt2_{kind}_external"
+    report = export_checkpoint(gpt2_ckpt, out, quantize=kind, **FAST)
+    assert report["files"] == {"model": "model.onnx", "external_data": "model.onnx_data"}
+    assert sorted(p.name for p in out.glob("model.onnx*")) == ["model.onnx", "model.onnx_data"]
+    size = report["quantization"]["size"]
+    assert size["quantized_bytes"] == (out / "model.onnx").stat().st_size + (out / "model.onnx_data").stat().st_size
+    assert OnnxPipeline.from_dir(out).generate_ids(np.array([[4, 5, 6]]), max_new_tokens=3).shape == (1, 3)
