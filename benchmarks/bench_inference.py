@@ -440,6 +440,13 @@ def notes_of(model: BenchModel, rows: list[dict[str, Any]], targets: str | list[
         notes.append("decoder input: the prefill (empty KV cache), the whole 128-token prompt, logits for every "
                      "position (the vocabulary head is dense and unadapted in base and export alike)")
     notes += [f"{row['method']}: FAILED, not timed: {row['error']}" for row in rows if "error" in row]
+    both = [row for row in rows if row["method"] == PRODA_PER_LAYER and "ort_1" in row.get("ort_samples_ms", {})]
+    if both:
+        notes.append(f"{PRODA_PER_LAYER}: method.group_siblings: false, each residual computed alone; timed in the "
+                     "same rounds as proda (grouped: q, k, v share one down-projection and gate) and the base. "
+                     "Grouped / per layer within a round: " + ", ".join(
+                         f"batch {row['batch']}: {Timings(row['ort_samples_ms']).ratio('ort', 'ort_1'):.3f}"
+                         for row in both))
     return notes
 
 
