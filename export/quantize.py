@@ -309,7 +309,9 @@ def name_external_data(model_file: Path) -> None:
         return
     if len(locations) > 1:
         raise QuantizeError(f"{model_file}: the quantizer wrote its weights into several files ({sorted(locations)})")
-    (model_file.parent / locations.pop()).replace(model_file.parent / wanted)
+    data = model_file.parent / wanted
+    (model_file.parent / locations.pop()).replace(data)
+    data.chmod(model_file.stat().st_mode & 0o777)  # onnx writes it 0600; readable like the graph beside it
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":

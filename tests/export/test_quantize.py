@@ -327,6 +327,7 @@ def test_a_large_export_keeps_its_weights_in_model_onnx_data(root: Path, gpt2_ck
     report = export_checkpoint(gpt2_ckpt, out, quantize=kind, **FAST)
     assert report["files"] == {"model": "model.onnx", "external_data": "model.onnx_data"}
     assert sorted(p.name for p in out.glob("model.onnx*")) == ["model.onnx", "model.onnx_data"]
+    assert (out / "model.onnx_data").stat().st_mode & 0o777 == (out / "model.onnx").stat().st_mode & 0o777
     size = report["quantization"]["size"]
     assert size["quantized_bytes"] == (out / "model.onnx").stat().st_size + (out / "model.onnx_data").stat().st_size
     assert OnnxPipeline.from_dir(out).generate_ids(np.array([[4, 5, 6]]), max_new_tokens=3).shape == (1, 3)
