@@ -47,7 +47,7 @@ def _header(report: dict[str, Any]) -> str:
         ("method", report["method"]),
         ("task", report["task"]),
         ("fold", "merged (--merge)" if report["merge"] else "unfolded adapter graph"),
-        ("backend", f"{report['backend']} (opset {report['opset']}, {report['dtype']})"),
+        ("backend", f"{report['backend']} (opset {report['opset']}, {weights(report)})"),
         ("files", ", ".join(report["files"].values())),
         ("MACs / token", f"{report['macs_per_token']:,} (base {report['base_macs_per_token']:,})"),
     ]
@@ -130,6 +130,12 @@ def _tensorrt(trt: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def weights(report: dict[str, Any]) -> str:
+    """The export's dtype, and what quantization made of it (``fp32 -> int8``)."""
+    section = report.get("quantization")
+    return report["dtype"] + (f" -> {section['settings']['kind']}" if section else "")
+
+
 def _quantization(section: dict[str, Any] | None) -> str:
     if not section:
         return ""
@@ -178,7 +184,7 @@ def summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal after an export."""
     parity = report.get("parity")
     lines = [f"export {'passed' if report['passed'] else 'FAILED'}: {report['files']['model']} "
-             f"({report['backend']}, opset {report['opset']}, {report['dtype']}, task {report['task']})"]
+             f"({report['backend']}, opset {report['opset']}, {weights(report)}, task {report['task']})"]
     folded = sum(layer["folded"] for layer in report["layers"])
     residual = sum(layer["residual"] is not None for layer in report["layers"])
     lines.append(f"  layers: {len(report['layers'])} adapted, {folded} folded, {residual} with a residual path; "

@@ -157,7 +157,11 @@ def test_the_report_and_summary_name_the_quantization(root: Path, bert_int8: dic
     assert on_disk["passed"] and on_disk["quantization"]["settings"]["kind"] == "int8"
     markdown = (root / "bert_int8" / REPORT_MD).read_text()
     assert "## Quantization" in markdown and "residual paths stay float32" in markdown
-    assert "labels agreeing with fp32" in markdown
+    assert "labels agreeing with fp32" in markdown and "fp32 -> int8" in markdown
+    from export.report import summary
+
+    lines = summary(bert_int8).splitlines()
+    assert "fp32 -> int8" in lines[0] and any(line.startswith("  quantized: size") for line in lines)
 
 
 def test_export_run_classifies_with_the_int8_folder(root: Path, bert_int8: dict, capsys) -> None:
