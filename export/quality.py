@@ -212,8 +212,10 @@ def task_quality(graph: ExportedGraph, fp32_file: Path, config: Any, log: Log) -
     limit = max_tokens(config, hf_config)
     vocab = int(hf_config.vocab_size)
     if graph.task == CAUSAL_LM:
-        rows = (token_rows(lm_texts(records), tokenizer, limit) if records
-                else [b["input_ids"][0] for b in random_batches(vocab, RANDOM_ROWS, RANDOM_SEQ)])
+        rows = token_rows(lm_texts(records), tokenizer, limit) if records else []
+        if not rows:  # no eval data, or no text of two tokens or more in it
+            source = source if not records else f"random tokens: no eval text of {source} has two tokens"
+            rows = [b["input_ids"][0] for b in random_batches(vocab, RANDOM_ROWS, RANDOM_SEQ)]
         result = causal_lm_quality(fp32_file, graph.model_file, rows)
         log(f"perplexity {result['perplexity_fp32']:.4g} -> {result['perplexity_quantized']:.4g} "
             f"(x{result['perplexity_ratio']:.4f}), greedy tokens agreeing {result['greedy_agreement']:.1%} "
@@ -230,6 +232,8 @@ def task_quality(graph: ExportedGraph, fp32_file: Path, config: Any, log: Log) -
         else:
             result = feature_quality(fp32_file, graph.model_file, batches)
             log(f"embedding cosine vs fp32: mean {result['cosine_mean']:.5f}, min {result['cosine_min']:.5f}")
+    if source.startswith("random tokens"):  # no drop to gate on: random text has no quality to lose
+        result["drop"] = None
     return {"data": source, "max_tokens": limit, **result}
 
 
@@ -238,7 +242,7 @@ def quality_error(quality: dict[str, Any], max_drop: float | None) -> str | None
     if max_drop is None:
         return None
     if quality.get("drop") is None:
-        return (f"--max-quality-drop {max_drop:g}: the quality drop needs the checkpoint's labelled eval data, and "
+        return (f"--max-quality-drop {max_drop:g}: the quality drop needs the checkpoint's eval data, and "
                 f"there is none ({quality['data']}); give the checkpoint's config train.data.eval, or drop "
                 f"--max-quality-drop")
     if quality["drop"] <= max_drop:

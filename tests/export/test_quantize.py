@@ -236,7 +236,7 @@ def test_max_quality_drop_without_eval_data_says_so(root: Path, capsys) -> None:
     assert main([str(ckpt), "--merge", "--quantize", "int8", "--max-quality-drop", "1", "--out", str(out),
                  "--no-latency", "--no-fp16-check"]) == 1
     err = capsys.readouterr().err
-    assert "--max-quality-drop 1: the quality drop needs the checkpoint's labelled eval data" in err
+    assert "--max-quality-drop 1: the quality drop needs the checkpoint's eval data" in err
     assert "no train.data section" in err
     report = json.loads((out / REPORT_JSON).read_text())
     assert not report["passed"] and report["quantization"]["quality"]["label_agreement"] is not None
@@ -335,3 +335,14 @@ def test_a_large_export_keeps_its_weights_in_model_onnx_data(root: Path, gpt2_ck
     size = report["quantization"]["size"]
     assert size["quantized_bytes"] == (out / "model.onnx").stat().st_size + (out / "model.onnx_data").stat().st_size
     assert OnnxPipeline.from_dir(out).generate_ids(np.array([[4, 5, 6]]), max_new_tokens=3).shape == (1, 3)
+
+
+def test_a_decoder_without_eval_data_is_checked_on_random_tokens_but_not_gated(root: Path) -> None:
+    base = save_lively_base("gpt2", root / "base_gpt2_nodata", seed=5)
+    ckpt = checkpoint(base, "gpt2", "lora", root / "ckpt_gpt2_nodata", None)
+    report = export_checkpoint(ckpt, root / "gpt2_nodata_int4", quantize="int4", **FAST)
+    quality = report["quantization"]["quality"]
+    assert quality["data"].startswith("random tokens") and quality["perplexity_ratio"] > 0
+    assert quality["drop"] is None  # random text has no quality to lose: nothing for --max-quality-drop to bound
+    with pytest.raises(ExportFailed, match="the quality drop needs the checkpoint's eval data"):
+        export_checkpoint(ckpt, root / "gpt2_nodata_gated", quantize="int4", max_quality_drop=5.0, **FAST)
