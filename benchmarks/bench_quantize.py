@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape, method in shapes:
         row, extra[shape] = decoder(shape, method, max(3, args.rounds // 4), args.threads)
         decoder_rows.append(row)
-    name = "quantize" + ("_llama" if args.llama else "")
+    name = "quantize" + ("_llama" if args.llama else "") + (f"_threads{args.threads}" if args.threads != 1 else "")
     json_path, md_path = write_results(name, "Quantized exports: int8 encoder, int4 decoders", machine, settings,
                                        rows or decoder_rows, ENCODER_COLUMNS if rows else DECODER_COLUMNS, targets,
                                        notes)
