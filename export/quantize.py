@@ -140,13 +140,22 @@ def residual_nodes(model: onnx.ModelProto, layers: list[LayerFold]) -> dict[str,
             raise QuantizeError(f"layer {layer.name!r} ({layer.method}) keeps a residual path ({layer.residual}), but "
                                 f"no node of the exported graph is named inside it, so it cannot be kept in float; "
                                 f"export without --quantize")
-        found[layer.name] = [node.name for node in scoped if not merged_weight_node(node, layer, initializers)]
+        merged = merged_weight_node(scoped, layer, initializers)
+        found[layer.name] = [node.name for node in scoped if node is not merged]
     return found
 
 
-def merged_weight_node(node: onnx.NodeProto, layer: LayerFold, initializers: dict[str, onnx.TensorProto]) -> bool:
-    elements = weight_elements(node, initializers) if node.op_type in MATMUL_OPS else None
-    return elements is not None and elements >= layer.base_macs_per_token
+def merged_weight_node(scoped: list[onnx.NodeProto], layer: LayerFold,
+                       initializers: dict[str, onnx.TensorProto]) -> onnx.NodeProto | None:
+    """The one MatMul/Gemm of a layer that carries its merged weight: the largest constant weight of at least
+    d_in x d_out elements (a fold leaves one static weight per layer, [W' | up] included). Only the largest: a
+    sibling group's stacked down-projection, which sits in its first member's scope, can pass d_in x d_out on a
+    small model but stays below the merged weight's (d_in + extra) x d_out."""
+    sized = [(weight_elements(node, initializers), index, node) for index, node in enumerate(scoped)
+             if node.op_type in MATMUL_OPS]
+    sized = [(elements, -index, node) for elements, index, node in sized
+             if elements is not None and elements >= layer.base_macs_per_token]
+    return max(sized, key=lambda item: item[:2])[2] if sized else None
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------

@@ -277,6 +277,14 @@ def test_residual_nodes_keep_the_merged_weight_out() -> None:
                        fold_error=0.0, macs_per_token=0, base_macs_per_token=64, sparse_2_4=False)
     assert residual_nodes(model, [record]) == {"enc.layer.0.q": ["/m/enc/layer.0/q/down/MatMul",
                                                                  "/m/enc/layer.0/q/Relu"]}
+    # a sibling group's stacked down-projection in the same scope, itself past d_in x d_out on a tiny model: float
+    nodes.insert(0, helper.make_node("MatMul", ["x", "w_group"], ["s"], name="/m/enc/layer.0/q/group/down/MatMul"))
+    model = helper.make_model(helper.make_graph(nodes, "g", [], [], [weight("w_down", 8, 4), weight("w_group", 8, 9),
+                                                                      weight("w_merged", 12, 8),
+                                                                      weight("w_other", 8, 8)]))
+    assert residual_nodes(model, [record]) == {"enc.layer.0.q": ["/m/enc/layer.0/q/group/down/MatMul",
+                                                                 "/m/enc/layer.0/q/down/MatMul",
+                                                                 "/m/enc/layer.0/q/Relu"]}
     missing = LayerFold(**{**record.as_dict(), "name": "enc.layer.1.q"})
     with pytest.raises(quantize_module.QuantizeError, match="layer 'enc.layer.1.q' .* no node of the exported graph"):
         residual_nodes(model, [missing])
