@@ -50,11 +50,13 @@ def save_lively_base(arch: str, folder: Path, seed: int = 0) -> Path:
 
 
 def adapted_model(base: Path, method: str | dict, task: str, targets: list[str], seed: int = 3,
-                  std: float = 0.2, out: Path | None = None) -> AdaptedModel:
-    """Surgery on ``base`` with every adapter parameter (and the trained head) randomised."""
+                  std: float = 0.2, out: Path | None = None, train: dict | None = None) -> AdaptedModel:
+    """Surgery on ``base`` with every adapter parameter (and the trained head) randomised; ``train``, when given,
+    is the config's train section (what export.quality reads the eval rows from)."""
     method_config = small_method(method) if isinstance(method, str) else method
-    config = parse_config({"model": {"name_or_path": str(base), "task": task}, "targets": targets,
-                           "method": method_config, "output_dir": str(out or base / "unused")})
+    raw = {"model": {"name_or_path": str(base), "task": task}, "targets": targets, "method": method_config,
+           "output_dir": str(out or base / "unused")}
+    config = parse_config(raw if train is None else {**raw, "train": train})
     adapted = apply_surgery(load_model(config.model), config)
     generator = torch.Generator().manual_seed(seed)
     for layer in adapted.layers.values():

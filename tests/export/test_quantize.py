@@ -17,14 +17,9 @@ from export.quality import BATCH, quality_error
 from export.quantize import in_scope, residual_nodes
 from export.report import REPORT_JSON, REPORT_MD
 from export.run import OnnxPipeline
-from surgery.checkpoint import save_checkpoint
-from surgery.config import parse_config
-from surgery.model import load_model
-from surgery.rewrite import apply_surgery
-from tests.export.checkpoints import TARGETS, save_lively_base, single_torch_thread  # noqa: F401
+from tests.export.checkpoints import make_checkpoint, save_lively_base, single_torch_thread  # noqa: F401
 from tests.export.tiny_exports import WORDS, word_tokenizer
 from tests.fs import tree_digest
-from tests.method_configs import small_method
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -45,21 +40,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def checkpoint(base: Path, arch: str, method: str, out: Path, data: dict | None) -> Path:
     """A checkpoint of ``method`` with every adapter tensor randomised (as if trained) and, with ``data``, a train
     section naming its data files (what export.quality reads the eval rows from)."""
-    task = "seq-cls" if arch in ("bert", "roberta") else "causal-lm"
-    raw = {"model": {"name_or_path": str(base), "task": task}, "targets": TARGETS[arch],
-           "method": small_method(method), "output_dir": str(out)}
-    if data is not None:
-        raw["train"] = {"data": {**data, "max_length": 16}, "epochs": 1}
-    adapted = apply_surgery(load_model(parse_config(raw).model), parse_config(raw))
-    generator = torch.Generator().manual_seed(3)
-    for layer in adapted.layers.values():
-        layer.randomize_(generator, std=0.2)
-    with torch.no_grad():
-        for module in adapted.trained_modules.values():
-            for param in module.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
-    save_checkpoint(adapted, out)
-    return out
+    train = None if data is None else {"data": {**data, "max_length": 16}, "epochs": 1}
+    return make_checkpoint(base, method, out, arch, train=train)
 
 
 @torch.no_grad()
